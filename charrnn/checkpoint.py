@@ -1,0 +1,283 @@
+"""Checkpoint directories: written atomically, loaded without running any code.
+
+A checkpoint is a directory::
+
+    config.json              model config, training arguments, step, best val loss,
+                             versions, and the sha256 of every other file
+    model.safetensors        the weights
+    tokenizer.json           the character vocabulary (Hugging Face tokenizers format)
+    training_state.safetensors + training_state.json
+                             (``last`` only) optimizer moments, RNG states, the hidden
+                             state of the batch streams: what an exact resume needs
+
+Saving writes everything into a hidden temporary directory beside the target, fsyncs
+it, then swaps it into place with two renames. If the process dies between them, the
+previous checkpoint is still whole under ``.NAME.old`` and :func:`resolve_checkpoint`
+finds it there. Loading reads JSON and safetensors only (never pickle), checks every
+file against its recorded sha256, and turns any damage into a ``CheckpointError`` that
+names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from . import __version__
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+from .model import CharRNN
+from .tokenizer import CharTokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+STATE_TENSORS_FILE = "training_state.safetensors"
+STATE_JSON_FILE = "training_state.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint directory holds, loaded."""
+
+    path: Path
+    model: CharRNN
+    tokenizer: CharTokenizer
+    meta: dict[str, Any]
+    state_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: dict[str, Any] | None = None
+
+    @property
+    def has_training_state(self) -> bool:
+        return self.state is not None
+
+
+# --- saving ---------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename still orders writes
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: CharRNN,
+    tokenizer: CharTokenizer,
+    meta: dict[str, Any],
+    state_tensors: dict[str, torch.Tensor] | None = None,
+    state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory at ``path`` atomically and return its path.
+
+    Refuses (``CheckpointError``) to save weights that are not finite. On any error
+    the temporary directory is removed and the previous checkpoint is left as it was.
+    """
+    path = Path(path)
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"refusing to save non-finite weights ({', '.join(bad[:3])}): the model diverged")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    old = path.parent / f".{path.name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        hashes = {
+            WEIGHTS_FILE: _write_file(tmp / WEIGHTS_FILE, save_safetensors_bytes(weights)),
+            TOKENIZER_FILE: _write_file(tmp / TOKENIZER_FILE, tokenizer.to_hf().to_str(pretty=True).encode()),
+        }
+        if state is not None:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in (state_tensors or {}).items()}
+            hashes[STATE_TENSORS_FILE] = _write_file(tmp / STATE_TENSORS_FILE, save_safetensors_bytes(tensors))
+            hashes[STATE_JSON_FILE] = _write_file(tmp / STATE_JSON_FILE, json.dumps(state).encode())
+        config = {
+            "format_version": FORMAT_VERSION,
+            "model": model.config.to_dict(),
+            **meta,
+            "versions": {"charrnn": __version__, "torch": torch.__version__},
+            "files": hashes,
+        }
+        _write_file(tmp / CONFIG_FILE, json.dumps(config, indent=2).encode())
+        _fsync_dir(tmp)
+        # Swap into place: a crash between these two renames leaves the old copy at
+        # `old`, where resolve_checkpoint looks for it.
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.rename(old, path)
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {exc.strerror or exc}. The previous checkpoint is unchanged; "
+            "free some disk space or choose another --out"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# --- loading --------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory for ``path``: a checkpoint, or a run directory (its ``best``, else ``last``).
+
+    If a save was interrupted between its two renames, the intact previous copy
+    (``.NAME.old``) is used.
+    """
+    path = Path(path).expanduser()
+    if (path / CONFIG_FILE).exists():
+        return path
+    for name in ("best", "last"):
+        if (path / name / CONFIG_FILE).exists():
+            return path / name
+    old = path.parent / f".{path.name}.old"
+    if (old / CONFIG_FILE).exists():
+        return old
+    if path.is_dir():
+        raise CheckpointError(f"{path} holds no {CONFIG_FILE}: it is not a checkpoint or a run directory")
+    raise CheckpointError(f"checkpoint {path} not found: pass a run directory or its 'best' / 'last' folder")
+
+
+def find_latest_checkpoint(root: str | Path = "checkpoints") -> Path:
+    """The newest ``best`` checkpoint under ``root`` (by the time it was written)."""
+    root = Path(root)
+    candidates = [p.parent for p in root.glob(f"*/best/{CONFIG_FILE}")]
+    if not candidates:
+        raise CheckpointError(
+            f"no checkpoint under {root}/: train one with `python train.py --data shakespeare`, "
+            "or pass --checkpoint PATH"
+        )
+    return max(candidates, key=lambda p: (p / CONFIG_FILE).stat().st_mtime)
+
+
+def _read(path: Path, name: str, hashes: dict[str, str] | None) -> bytes:
+    file = path / name
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing: the checkpoint is incomplete; use another checkpoint") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {file}: {exc.strerror}") from None
+    if hashes is not None:
+        expected = hashes.get(name)
+        if expected is None:
+            raise CheckpointError(f"{path / CONFIG_FILE} records no checksum for {name}: the checkpoint is damaged")
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise CheckpointError(f"{file} is damaged (its sha256 does not match {CONFIG_FILE}): use another checkpoint")
+    return data
+
+
+def _load_tensors(path: Path, name: str, hashes: dict[str, str]) -> dict[str, torch.Tensor]:
+    try:
+        return load_safetensors_bytes(_read(path, name, hashes))
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path / name} is not a readable safetensors file ({exc})") from None
+
+
+def _load_json(path: Path, name: str, hashes: dict[str, str] | None) -> Any:
+    try:
+        return json.loads(_read(path, name, hashes).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path / name} is not valid JSON ({exc}): the checkpoint is damaged") from None
+
+
+def load_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu", with_training_state: bool = False
+) -> Checkpoint:
+    """Load a checkpoint directory (or a run directory's best one) safely.
+
+    Every failure, from a missing file to random bytes, is a ``CheckpointError`` naming
+    the file. No file is unpickled and no code from the checkpoint runs.
+    """
+    path = resolve_checkpoint(path)
+    config = _load_json(path, CONFIG_FILE, None)
+    if not isinstance(config, dict) or not isinstance(config.get("files"), dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{path / CONFIG_FILE} is not a charrnn checkpoint config (no 'model' or 'files')")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path / CONFIG_FILE} has format version {config.get('format_version')!r}; "
+            f"this charrnn reads version {FORMAT_VERSION}"
+        )
+    hashes = config["files"]
+    try:
+        model_config = ModelConfig.from_dict(config["model"])
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path / CONFIG_FILE} holds an invalid model config: {exc}") from None
+
+    try:
+        tokenizer = CharTokenizer.load_bytes(_read(path, TOKENIZER_FILE, hashes))
+    except ValueError as exc:
+        raise CheckpointError(f"{path / TOKENIZER_FILE} is not a charrnn tokenizer ({exc})") from None
+    if tokenizer.vocab_size != model_config.vocab_size:
+        raise CheckpointError(
+            f"{path / TOKENIZER_FILE} has {tokenizer.vocab_size} characters but {path / CONFIG_FILE} says "
+            f"{model_config.vocab_size}: the files come from different runs"
+        )
+
+    weights = _load_tensors(path, WEIGHTS_FILE, hashes)
+    try:
+        # Built on the meta device first: a damaged config cannot make us allocate
+        # a huge model before the shapes are compared with the (verified) weights.
+        with torch.device("meta"):
+            model = CharRNN(model_config)
+    except ValueError as exc:
+        raise CheckpointError(f"{path / CONFIG_FILE} holds an invalid model config: {exc}") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected != found:
+        diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        raise CheckpointError(
+            f"{path / WEIGHTS_FILE} does not fit the model in {CONFIG_FILE} (differs at {', '.join(diff[:3])})"
+        )
+    if not all(torch.isfinite(w).all() for w in weights.values()):
+        raise CheckpointError(f"{path / WEIGHTS_FILE} holds non-finite weights: use another checkpoint")
+    model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True, assign=True)
+    model.to(device).eval()
+
+    ckpt = Checkpoint(path=path, model=model, tokenizer=tokenizer, meta=config)
+    if with_training_state:
+        if STATE_JSON_FILE not in hashes:
+            raise CheckpointError(
+                f"{path} holds no training state (only 'last' checkpoints do): resume from the run's 'last' folder"
+            )
+        ckpt.state_tensors = _load_tensors(path, STATE_TENSORS_FILE, hashes)
+        state = _load_json(path, STATE_JSON_FILE, hashes)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path / STATE_JSON_FILE} is damaged: expected a JSON object")
+        ckpt.state = state
+    return ckpt

@@ -1,0 +1,145 @@
+"""Typed, validated configuration: what the model is, how to train it, how to sample.
+
+Each field's ``help`` metadata doubles as the command-line help, so the flags and the
+library never disagree. Validation happens on creation (``__post_init__``): a config
+that exists is a config that works.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a CharRNN. Changing any of these makes a different model."""
+
+    vocab_size: int = field(default=0, metadata=_help("characters in the vocabulary (set from the corpus)", cli=False))
+    cell: str = field(default="lstm", metadata=_help(f"recurrent cell: {', '.join(CELLS)}", choices=CELLS))
+    n_layers: int = field(default=2, metadata=_help("stacked recurrent layers"))
+    hidden_size: int = field(default=512, metadata=_help("units per recurrent layer"))
+    embedding_size: int = field(default=64, metadata=_help("size of the character embedding"))
+    dropout: float = field(default=0.1, metadata=_help("dropout between layers and before the output head, in [0, 1)"))
+
+    def __post_init__(self) -> None:
+        _check(self.cell in CELLS, f"unknown cell {self.cell!r}: choose one of {', '.join(CELLS)}")
+        _check(self.vocab_size >= 0, f"vocab_size must be >= 0, got {self.vocab_size}")
+        _check(self.n_layers >= 1, f"--n-layers must be at least 1, got {self.n_layers}")
+        _check(self.hidden_size >= 1, f"--hidden-size must be at least 1, got {self.hidden_size}")
+        _check(self.embedding_size >= 1, f"--embedding-size must be at least 1, got {self.embedding_size}")
+        _check(
+            0.0 <= self.dropout < 1.0 and math.isfinite(self.dropout),
+            f"--dropout must be in [0, 1), got {self.dropout}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        _check(not unknown, f"unknown model settings {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: data, budgets, optimisation, evaluation, output."""
+
+    data: str = field(
+        default="shakespeare",
+        metadata=_help("corpus: 'shakespeare', a .txt file, a folder of text files, or hf:OWNER/NAME"),
+    )
+    hf_split: str = field(default="train", metadata=_help("split of an hf: dataset"))
+    hf_column: str | None = field(default=None, metadata=_help("text column of an hf: dataset (default: 'text' or the only string column)"))
+    out: str | None = field(default=None, metadata=_help("run directory (default: checkpoints/<data>-<time>)"))
+    resume: str | None = field(default=None, metadata=_help("continue training from this checkpoint (a run's 'last' directory)"))
+    seq_len: int = field(default=128, metadata=_help("characters per truncated-BPTT chunk"))
+    batch_size: int = field(default=64, metadata=_help("parallel streams per step"))
+    lr: float = field(default=3e-3, metadata=_help("peak learning rate (AdamW)"))
+    min_lr: float = field(default=3e-4, metadata=_help("learning rate at the end of the cosine decay"))
+    warmup_iters: int = field(default=100, metadata=_help("steps of linear warm-up"))
+    lr_decay_iters: int = field(default=0, metadata=_help("steps of the cosine decay (0: decay over the budget, --max-iters or --max-time)"))
+    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay on weight matrices"))
+    grad_clip: float = field(default=1.0, metadata=_help("clip the global gradient norm to this (0: off)"))
+    max_iters: int = field(default=0, metadata=_help("stop after this many steps (0: no step limit)"))
+    max_time: float = field(default=300.0, metadata=_help("stop after this many seconds of training (0: no time limit)"))
+    eval_interval: int = field(default=250, metadata=_help("evaluate on the full validation split every N steps"))
+    patience: int = field(default=5, metadata=_help("stop after N evaluations without improvement (0: never)"))
+    sample_chars: int = field(default=200, metadata=_help("characters of sample text printed at each evaluation (0: none)"))
+    seed: int = field(default=1337, metadata=_help("random seed: same seed, same machine, same run"))
+    device: str = field(default="auto", metadata=_help("auto picks cuda, then mps, then cpu", choices=DEVICES))
+    dtype: str = field(
+        default="auto",
+        metadata=_help("training precision: auto uses bfloat16 autocast where the hardware has it", choices=DTYPES),
+    )
+    progress: bool = field(default=True, metadata=_help("show a progress bar", cli=False))
+
+    def __post_init__(self) -> None:
+        _check(bool(self.data), "--data must name a corpus")
+        _check(self.seq_len >= 1, f"--seq-len must be at least 1, got {self.seq_len}")
+        _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --lr], got {self.min_lr}")
+        _check(self.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {self.warmup_iters}")
+        _check(self.lr_decay_iters >= 0, f"--lr-decay-iters must be >= 0, got {self.lr_decay_iters}")
+        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        _check(self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}")
+        _check(self.max_iters >= 0, f"--max-iters must be >= 0, got {self.max_iters}")
+        _check(self.max_time >= 0, f"--max-time must be >= 0, got {self.max_time}")
+        _check(
+            self.max_iters > 0 or self.max_time > 0,
+            "set a budget: --max-iters or --max-time must be positive, or training never ends",
+        )
+        _check(self.eval_interval >= 1, f"--eval-interval must be at least 1, got {self.eval_interval}")
+        _check(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
+        _check(self.sample_chars >= 0, f"--sample-chars must be >= 0, got {self.sample_chars}")
+        _check(self.device in DEVICES, f"unknown --device {self.device!r}: choose one of {', '.join(DEVICES)}")
+        _check(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How to pick each next character."""
+
+    length: int = field(default=500, metadata=_help("characters to generate"))
+    temperature: float = field(default=0.8, metadata=_help("softmax temperature; 0 means greedy"))
+    top_k: int = field(default=0, metadata=_help("sample from the k likeliest characters only (0: off)"))
+    top_p: float = field(default=1.0, metadata=_help("nucleus sampling: smallest set with this much probability (1: off)"))
+    seed: int | None = field(default=None, metadata=_help("random seed (default: a fresh one each run)"))
+    stop: tuple[str, ...] = field(default=(), metadata=_help("stop when the text produces this string (repeatable)", cli=False))
+
+    def __post_init__(self) -> None:
+        _check(self.length >= 0, f"length must be >= 0, got {self.length}")
+        _check(
+            self.temperature >= 0 and math.isfinite(self.temperature),
+            f"temperature must be >= 0 (0 means greedy), got {self.temperature}",
+        )
+        _check(self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

@@ -1,0 +1,29 @@
+"""One exception type per kind of user mistake.
+
+Every error carries a sentence that names the problem and the fix; the command-line
+front ends print it without a traceback and exit non-zero.
+"""
+
+
+class CharRNNError(Exception):
+    """Base class of every error charrnn raises for a user mistake."""
+
+
+class ConfigError(CharRNNError, ValueError):
+    """An option has a value charrnn cannot use."""
+
+
+class CorpusError(CharRNNError):
+    """A corpus is missing, unreadable, not UTF-8 text, or too short."""
+
+
+class CheckpointError(CharRNNError):
+    """A checkpoint directory is missing, damaged, or does not fit the request."""
+
+
+class PromptError(CharRNNError, ValueError):
+    """A prompt cannot be fed to the model (too long, or no known characters)."""
+
+
+class TrainingError(CharRNNError):
+    """Training cannot go on (for example the loss stopped being finite)."""

@@ -1,0 +1,64 @@
+"""CharRNN: embedding -> stacked RNN/LSTM/GRU -> dropout -> linear head.
+
+Shapes: B = batch, T = time, V = vocabulary, H = hidden size, L = layers.
+The recurrent stack is torch's fused ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (cuDNN on
+CUDA, oneDNN on CPU), which is the fast path for whole sequences. Sampling one
+character at a time uses ``charrnn.stepper`` instead, over the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+# An LSTM's state is (h, c); the other cells carry h alone.
+Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+class CharRNN(nn.Module):
+    """A many-to-many character-level recurrent language model."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size < 1:
+            raise ValueError("ModelConfig.vocab_size must be set before building a model")
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_size)
+        rnn_class = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}[config.cell]
+        extra = {"nonlinearity": config.cell[4:]} if config.cell.startswith("rnn_") else {}
+        self.rnn = rnn_class(
+            config.embedding_size,
+            config.hidden_size,
+            num_layers=config.n_layers,
+            # torch applies this dropout between layers only; the head dropout is ours.
+            dropout=config.dropout if config.n_layers > 1 else 0.0,
+            batch_first=True,
+            **extra,
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def init_hidden(self, batch_size: int, device: torch.device | str | None = None) -> Hidden:
+        """Zero state for ``batch_size`` streams: (L, B, H), or a pair of them for LSTM."""
+        device = device if device is not None else self.head.weight.device
+        zeros = torch.zeros(self.config.n_layers, batch_size, self.config.hidden_size, device=device)
+        return (zeros, zeros.clone()) if self.config.cell == "lstm" else zeros
+
+    def forward(self, idx: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
+        """idx (B, T) int64 -> logits (B, T, V) and the state after the last step."""
+        x = self.embedding(idx)  # (B, T, E)
+        out, hidden = self.rnn(x, hidden)  # (B, T, H)
+        return self.head(self.dropout(out)), hidden
+
+
+def detach_hidden(hidden: Hidden) -> Hidden:
+    """Cut the graph between truncated-BPTT chunks while keeping the values."""
+    if isinstance(hidden, tuple):
+        return tuple(h.detach() for h in hidden)  # type: ignore[return-value]
+    return hidden.detach()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,326 @@
+"""Sampling: logits processors, generate, stream, predict_next, score, ChatSession.
+
+Everything here carries the hidden state forward one character at a time over the
+pre-packed :class:`~charrnn.stepper.Stepper`; nothing re-reads a prefix. Each call
+draws from its own ``torch.Generator``, so the same seed gives the same text, and
+threads can share one :class:`Sampler`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import find_latest_checkpoint, load_checkpoint
+from .config import SampleConfig
+from .device import resolve_device
+from .errors import PromptError
+from .evaluation import evaluate
+from .model import CharRNN, Hidden
+from .stepper import Stepper
+from .tokenizer import CharTokenizer
+
+MAX_PROMPT_CHARS = 100_000
+_PRIME_CHUNK = 2048
+
+
+# --- logits processors ------------------------------------------------------------------
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties at the k-th kept), -inf elsewhere."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of likeliest characters whose probability reaches p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Drop a character if the ones before it already reach p; the first always stays.
+    drop = (torch.cumsum(probs, dim=-1) - probs) >= p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def pick_next(logits: torch.Tensor, config: SampleConfig, generator: torch.Generator) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V) under temperature, top-k and top-p."""
+    if config.greedy:
+        return logits.argmax(dim=-1)
+    logits = apply_top_p(apply_top_k(logits / config.temperature, config.top_k), config.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def new_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator from ``seed``, or from fresh OS entropy when it is None."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+# --- stop strings -------------------------------------------------------------------------
+
+
+class StopScanner:
+    """Releases generated text as soon as it cannot be the start of a stop string.
+
+    ``push`` returns the text that is safe to show now; text that might begin a stop
+    string is held back until it is clear. Once a stop string appears, ``done`` is set
+    and the text before it is returned; the stop string itself is never returned.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.pending = ""
+        self.done = False
+        self.stop_length = 0  # characters of the stop string that ended the text
+
+    def push(self, text: str) -> str:
+        self.pending += text
+        matches = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if matches:
+            start = min(matches)[0]
+            # A match is seen the moment it completes, so everything from `start` on is the stop string.
+            out, self.stop_length = self.pending[:start], len(self.pending) - start
+            self.done, self.pending = True, ""
+            return out
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = k
+                    break
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+# --- the sampler ---------------------------------------------------------------------------
+
+
+class Sampler:
+    """A trained model ready to write: ``generate``, ``stream``, ``predict_next``, ``score``, chat."""
+
+    def __init__(
+        self,
+        model: CharRNN,
+        tokenizer: CharTokenizer,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_prompt_chars: int = MAX_PROMPT_CHARS,
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.max_prompt_chars = max_prompt_chars
+        self.stepper = Stepper(self.model, dtype)
+
+    @property
+    def vocab(self) -> list[str]:
+        return self.tokenizer.chars
+
+    # -- feeding text ----------------------------------------------------------------
+    def encode_prompt(self, text: str, allow_empty: bool = True) -> torch.Tensor:
+        """Ids of ``text``, checked: bounded length, not made only of unknown characters.
+
+        Unknown characters map to ``<unk>`` with a warning naming them. An empty text
+        (where allowed) becomes a newline, the most neutral start a corpus has.
+        """
+        if len(text) > self.max_prompt_chars:
+            raise PromptError(
+                f"the prompt has {len(text):,} characters; the limit is {self.max_prompt_chars:,}. A char-RNN "
+                "remembers far less than that: pass the last part of the text, or raise max_prompt_chars"
+            )
+        if not text:
+            if not allow_empty:
+                raise PromptError("the text is empty: give at least one character")
+            text = "\n" if "\n" in self.tokenizer else self.tokenizer.chars[1]
+        unknown = self.tokenizer.unknown_chars(text)
+        if unknown:
+            if len(unknown) == len(set(text)):
+                raise PromptError(
+                    f"the prompt is made only of characters the model never saw ({''.join(unknown[:20])!r}): "
+                    "write it with characters of the training corpus"
+                )
+            warnings.warn(
+                f"the model never saw {''.join(unknown[:20])!r}; those characters are read as <unk>",
+                stacklevel=3,
+            )
+        return torch.from_numpy(self.tokenizer.encode(text).astype(np.int64)).to(self.device)
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
+        """Run ids (T,) through the model from ``hidden``: logits (1, V) after the last one, and the state."""
+        logits = None
+        for start in range(0, len(ids), _PRIME_CHUNK):
+            out, hidden = self.model(ids[None, start : start + _PRIME_CHUNK], hidden)
+            logits = out[:, -1].float()
+        return logits, hidden
+
+    # -- the generation loop ------------------------------------------------------------
+    @torch.no_grad()
+    def _run(
+        self,
+        logits: torch.Tensor,
+        hidden: Hidden,
+        config: SampleConfig,
+        generator: torch.Generator,
+        end: dict[str, Any] | None = None,
+    ) -> Iterator[tuple[int, str]]:
+        """Yield (stream index, text) pieces for len(logits) streams from the given state.
+
+        With one stream, ``end`` receives the logits and hidden state right after the
+        returned text (the stop string excluded), so a chat can continue from there.
+        """
+        streams = logits.size(0)
+        scanners = [StopScanner(config.stop) for _ in range(streams)]
+        active = set(range(streams))
+        # (logits, hidden) before each recent character, to rewind past a stop string.
+        history: deque = deque(maxlen=max((len(s) for s in config.stop), default=0) + 1)
+        decode = self.tokenizer.decode
+        for _ in range(config.length):
+            history.append((logits, hidden))
+            tokens = pick_next(logits, config, generator)
+            ids = tokens.tolist()
+            for i in sorted(active):
+                piece = scanners[i].push(decode((ids[i],)))
+                if piece:
+                    yield i, piece
+                if scanners[i].done:
+                    active.discard(i)
+            if not active:
+                if end is not None:
+                    end["logits"], end["hidden"] = history[-scanners[0].stop_length]
+                return
+            logits, hidden = self.stepper.step(tokens, hidden)
+        for i in sorted(active):
+            piece = scanners[i].flush()
+            if piece:
+                yield i, piece
+        if end is not None:
+            end["logits"], end["hidden"] = logits, hidden
+
+    def _config(self, **options: Any) -> SampleConfig:
+        if isinstance(options.get("stop"), str):
+            options["stop"] = (options["stop"],)
+        elif options.get("stop") is not None:
+            options["stop"] = tuple(options["stop"])
+        return SampleConfig(**{k: v for k, v in options.items() if v is not None})
+
+    # -- the public API -------------------------------------------------------------------
+    def stream(self, prompt: str = "", **options: Any) -> Iterator[str]:
+        """Yield the continuation of ``prompt`` piece by piece as it is sampled.
+
+        Options are those of :class:`~charrnn.config.SampleConfig`: ``length``,
+        ``temperature`` (0: greedy), ``top_k``, ``top_p``, ``seed``, ``stop``.
+        """
+        config = self._config(**options)
+        logits, hidden = self.feed(self.encode_prompt(prompt))
+        for _, piece in self._run(logits, hidden, config, new_generator(config.seed)):
+            yield piece
+
+    def generate(self, prompt: str = "", **options: Any) -> str:
+        """The continuation of ``prompt`` (without the prompt). Same options as :meth:`stream`."""
+        return "".join(self.stream(prompt, **options))
+
+    def generate_many(self, prompt: str = "", num_samples: int = 2, **options: Any) -> list[str]:
+        """``num_samples`` continuations of ``prompt``, sampled side by side as one batch."""
+        if num_samples < 1:
+            raise PromptError(f"num_samples must be at least 1, got {num_samples}")
+        config = self._config(**options)
+        logits, hidden = self.feed(self.encode_prompt(prompt))
+        logits = logits.expand(num_samples, -1)
+        hidden = tuple(h.expand(-1, num_samples, -1) for h in hidden) if isinstance(hidden, tuple) else hidden.expand(-1, num_samples, -1)
+        texts = [""] * num_samples
+        for i, piece in self._run(logits, hidden, config, new_generator(config.seed)):
+            texts[i] += piece
+        return texts
+
+    @torch.no_grad()
+    def predict_next(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` likeliest next characters after ``prompt`` with their probabilities."""
+        logits, _ = self.feed(self.encode_prompt(prompt))
+        probs = torch.softmax(logits[0], dim=-1)
+        values, ids = torch.topk(probs, min(max(k, 1), probs.numel()))
+        return [(self.tokenizer.decode((i,)), float(p)) for i, p in zip(ids.tolist(), values.tolist())]
+
+    def score(self, text: str) -> float:
+        """Mean nats per character of predicting each character of ``text`` from those before it."""
+        ids = self.encode_prompt(text, allow_empty=False).cpu().numpy()
+        if len(ids) < 2:
+            raise PromptError("score needs at least two characters: the first one has nothing to be predicted from")
+        return evaluate(self.model, ids, self.device, columns=1)
+
+    def chat(self, seed: int | None = None, **options: Any) -> "ChatSession":
+        """A new :class:`ChatSession` over this model."""
+        return ChatSession(self, seed=seed, **options)
+
+
+class ChatSession:
+    """A conversation whose whole memory is one hidden state.
+
+    ``send(text)`` reads ``text`` on from where the conversation stands and returns the
+    model's reply, which also becomes part of the conversation. Each turn costs only its
+    own characters: the history is never re-read. A session made with a seed repeats
+    its conversation exactly.
+    """
+
+    def __init__(self, sampler: Sampler, seed: int | None = None, **options: Any):
+        self.sampler = sampler
+        self.config = sampler._config(**options)
+        self._seed = seed
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (and restart the random stream from the seed)."""
+        self._generator = new_generator(self._seed)
+        self._logits: torch.Tensor | None = None
+        self._hidden: Hidden | None = None
+
+    def feed(self, text: str) -> None:
+        """Read ``text`` into the conversation without replying."""
+        if text:
+            self._logits, self._hidden = self.sampler.feed(self.sampler.encode_prompt(text), self._hidden)
+
+    def stream(self, text: str = "", **options: Any) -> Iterator[str]:
+        """Read ``text``, then yield the reply piece by piece."""
+        config = self.sampler._config(**{**asdict(self.config), **options})
+        self.feed(text)
+        if self._logits is None:  # nothing read yet: start as a prompt-less sample would
+            self._logits, self._hidden = self.sampler.feed(self.sampler.encode_prompt(""))
+        end: dict[str, Any] = {}
+        for _, piece in self.sampler._run(self._logits, self._hidden, config, self._generator, end):
+            yield piece
+        self._logits, self._hidden = end["logits"], end["hidden"]
+
+    def send(self, text: str = "", **options: Any) -> str:
+        """Read ``text`` and return the model's reply."""
+        return "".join(self.stream(text, **options))
+
+
+def load(
+    path: str | Path | None = None,
+    device: str = "auto",
+    dtype: torch.dtype = torch.float32,
+) -> Sampler:
+    """Load a checkpoint (default: the newest best under ``checkpoints/``) as a :class:`Sampler`."""
+    resolved = resolve_device(device)
+    ckpt = load_checkpoint(path if path is not None else find_latest_checkpoint(), resolved)
+    return Sampler(ckpt.model, ckpt.tokenizer, resolved, dtype)

@@ -1,0 +1,417 @@
+"""The training loop: truncated BPTT over stateful batch streams, with exact resume.
+
+One step reads the next ``seq_len`` characters of every stream, runs them from the
+hidden state the previous step left (detached: truncated backpropagation through
+time), clips the global gradient norm and takes an AdamW step under a warm-up +
+cosine schedule. Every ``eval_interval`` steps it measures the loss on the whole
+validation split, saves ``last`` (everything a resume needs) and, if the loss
+improved, ``best`` (what sampling needs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .config import ModelConfig, TrainConfig
+from .data import BatchStreams, StreamPosition, corpus_name, load_corpus, split_tokens
+from .device import autocast, resolve_device, resolve_dtype
+from .errors import CheckpointError, ConfigError, CorpusError, TrainingError
+from .evaluation import LN2, evaluate
+from .model import CharRNN, Hidden, count_parameters, detach_hidden
+from .sampling import Sampler
+from .tokenizer import CharTokenizer
+
+# Settings that may change when a run resumes (with a warning for the ones that matter).
+_QUIET_ON_RESUME = {"resume", "out", "device", "progress"}
+_SHAPE_FIELDS = {"cell", "n_layers", "hidden_size", "embedding_size"}
+
+
+@dataclass
+class TrainResult:
+    """Where a finished (or stopped) run left its checkpoints, and how it ended."""
+
+    run_dir: Path
+    step: int
+    best_val_loss: float
+    stop_reason: str
+    signal: int | None = None
+
+    @property
+    def best(self) -> Path:
+        return self.run_dir / "best"
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "last"
+
+
+def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` as ``progress`` goes 0 -> 1."""
+    if step < config.warmup_iters:
+        return config.lr * (step + 1) / config.warmup_iters
+    p = min(max(progress, 0.0), 1.0)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * p))
+
+
+def budget_progress(config: TrainConfig, step: int, elapsed: float) -> float:
+    """How far the run is through its schedule, 0 -> 1 (steps or time, whichever is further)."""
+    if config.lr_decay_iters:
+        return step / config.lr_decay_iters
+    by_steps = step / config.max_iters if config.max_iters else 0.0
+    by_time = elapsed / config.max_time if config.max_time else 0.0
+    return max(by_steps, by_time)
+
+
+def make_optimizer(model: CharRNN, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not on biases)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99))
+
+
+# --- resuming ------------------------------------------------------------------------------
+
+
+def merge_resume_config(
+    config: TrainConfig, model_config: ModelConfig, saved: Checkpoint, explicit: set[str]
+) -> tuple[TrainConfig, ModelConfig]:
+    """The settings a resumed run uses: the checkpoint's, with what the user set explicitly.
+
+    A different model shape is an error (the weights would not fit); other changed
+    settings are allowed with a warning.
+    """
+    saved_train = saved.meta.get("train", {})
+    saved_model = saved.meta["model"]
+    for name in sorted(explicit & _SHAPE_FIELDS):
+        if getattr(model_config, name) != saved_model.get(name):
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {getattr(model_config, name)} does not fit the checkpoint, whose model "
+                f"has {saved_model.get(name)}: a resumed run keeps its model shape; drop the flag or start a new run"
+            )
+    train_values = {f.name: saved_train.get(f.name, getattr(config, f.name)) for f in fields(TrainConfig)}
+    model_values = dict(saved_model)
+    for name in sorted(explicit):
+        target = model_values if name in model_values else train_values
+        new = getattr(model_config, name) if target is model_values else getattr(config, name)
+        if name not in _QUIET_ON_RESUME and target.get(name) != new:
+            print(f"warning: resuming with {name}={new!r}; the run was trained with {target.get(name)!r}", file=sys.stderr)
+        target[name] = new
+    train_values["resume"] = config.resume
+    return TrainConfig(**train_values), ModelConfig(**model_values)
+
+
+def _explicit_fields(config: TrainConfig, model_config: ModelConfig) -> set[str]:
+    """Fields that differ from their defaults: what a library caller evidently chose."""
+    return {f.name for f in fields(TrainConfig) if getattr(config, f.name) != f.default} | {
+        f.name for f in fields(ModelConfig) if f.name != "vocab_size" and getattr(model_config, f.name) != f.default
+    }
+
+
+# --- signals ---------------------------------------------------------------------------------
+
+
+class StopSignal:
+    """Turns SIGINT / SIGTERM into a request to stop after the current step.
+
+    A second signal while the checkpoint is being saved is reported and ignored, so
+    the save always completes.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint...", file=sys.stderr)
+        else:
+            print("\nstill saving the checkpoint; it will be done in a moment", file=sys.stderr)
+
+    @contextmanager
+    def installed(self) -> Iterator["StopSignal"]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals can only be handled in the main thread
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+# --- the trainer -------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds one run's state; :meth:`run` trains until a budget, a signal or early stopping."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model_config: ModelConfig | None = None,
+        explicit: set[str] | None = None,
+    ):
+        model_config = model_config or ModelConfig()
+        saved = None
+        if config.resume:
+            saved = load_checkpoint(config.resume, with_training_state=True)
+            if explicit is None:
+                explicit = _explicit_fields(config, model_config)
+            config, model_config = merge_resume_config(config, model_config, saved, explicit)
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+
+        text = load_corpus(config.data, config.hf_split, config.hf_column)
+        self.tokenizer = saved.tokenizer if saved else CharTokenizer.from_text(text)
+        tokens = self.tokenizer.encode(text)
+        del text
+        self.train_tokens, self.val_tokens = split_tokens(tokens)
+        if len(self.val_tokens) < 2:
+            raise CorpusError(f"corpus {config.data!r} is too short for a validation split: it needs at least 20 characters")
+        self.streams = BatchStreams(self.train_tokens, config.batch_size, config.seq_len, config.seed)
+
+        torch.manual_seed(config.seed)
+        self.model_config = ModelConfig(**{**model_config.to_dict(), "vocab_size": self.tokenizer.vocab_size})
+        self.model = CharRNN(self.model_config).to(self.device)
+        self.optimizer = make_optimizer(self.model, config)
+
+        self.step = 0
+        self.position = StreamPosition()
+        self.hidden: Hidden | None = None
+        self.elapsed = 0.0
+        self.best_val = math.inf
+        self.evals_without_improvement = 0
+        self.run_dir = Path(config.out) if config.out else self._default_run_dir(saved)
+        if saved:
+            self._restore(saved)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    def _default_run_dir(self, saved: Checkpoint | None) -> Path:
+        if saved is not None:
+            return saved.path.parent
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path("checkpoints") / f"{corpus_name(self.config.data)}-{stamp}"
+
+    # -- state for exact resume ---------------------------------------------------------------
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        opt = self.optimizer.state_dict()
+        tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        for index, values in opt["state"].items():
+            for key, value in values.items():
+                tensors[f"optim.{index}.{key}"] = value
+        if self.hidden is not None:
+            for i, h in enumerate(self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)):
+                tensors[f"hidden.{i}"] = h
+        state = {
+            "step": self.step,
+            "epoch": self.position.epoch,
+            "index": self.position.index,
+            "elapsed": self.elapsed,
+            "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
+            "evals_without_improvement": self.evals_without_improvement,
+            "param_groups": opt["param_groups"],
+            "hidden_parts": 0 if self.hidden is None else (2 if isinstance(self.hidden, tuple) else 1),
+        }
+        return tensors, state
+
+    def _restore(self, saved: Checkpoint) -> None:
+        state, tensors = saved.state, saved.state_tensors
+        try:
+            self.model.load_state_dict(saved.model.state_dict())
+            optim_state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in tensors.items():
+                if key.startswith("optim."):
+                    _, index, name = key.split(".", 2)
+                    optim_state.setdefault(int(index), {})[name] = value
+            self.optimizer.load_state_dict({"state": optim_state, "param_groups": state["param_groups"]})
+            torch.set_rng_state(tensors["rng.cpu"])
+            if "rng.cuda" in tensors and self.device.type == "cuda":
+                torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+            parts = [tensors[f"hidden.{i}"].to(self.device) for i in range(state["hidden_parts"])]
+            self.hidden = None if not parts else (tuple(parts) if len(parts) == 2 else parts[0])
+            self.step = int(state["step"])
+            self.position = StreamPosition(int(state["epoch"]), int(state["index"]))
+            self.elapsed = float(state["elapsed"])
+            best = state["best_val_loss"]
+            self.best_val = math.inf if best is None else float(best)
+            self.evals_without_improvement = int(state["evals_without_improvement"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{saved.path} holds training state this run cannot use ({exc})") from None
+
+    # -- evaluation, saving, logging --------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _trim_metrics(self) -> None:
+        """On resume, drop metrics the interrupted run logged after its checkpoint."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "train": asdict(self.config),
+            "step": self.step,
+            "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+    def save(self, name: str, with_state: bool) -> Path:
+        tensors, state = self._state() if with_state else ({}, None)
+        return save_checkpoint(self.run_dir / name, self.model, self.tokenizer, self._meta(), tensors, state)
+
+    def evaluate_and_save(self, bar: tqdm) -> float:
+        val = evaluate(self.model, self.val_tokens, self.device, self.dtype)
+        improved = val < self.best_val
+        if improved:
+            self.best_val = val
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        self._log({"step": self.step, "val_loss": val, "val_bpc": val / LN2, "elapsed": round(self.elapsed, 3)})
+        if improved:
+            self.save("best", with_state=False)
+        self.save("last", with_state=True)
+        bar.write(
+            f"step {self.step:>6} | val {val:.4f} nats/char ({val / LN2:.3f} bpc)"
+            f"{' (best)' if improved else ''} | {self.elapsed:.0f} s"
+        )
+        if self.config.sample_chars:
+            sampler = Sampler(self.model, self.tokenizer, self.device)
+            text = sampler.generate("\n", length=self.config.sample_chars, temperature=0.8, seed=self.config.seed)
+            self.model.train()
+            bar.write("    " + text.replace("\n", "\n    "))
+        return val
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def _budget_done(self) -> str | None:
+        c = self.config
+        if c.max_iters and self.step >= c.max_iters:
+            return f"reached --max-iters {c.max_iters}"
+        if c.max_time and self.elapsed >= c.max_time:
+            return f"reached --max-time {c.max_time:g} s"
+        if c.patience and self.evals_without_improvement >= c.patience:
+            return f"no improvement in {c.patience} evaluations (--patience)"
+        return None
+
+    def train_step(self) -> float:
+        """One optimisation step on the next batch; returns the loss (nats/char)."""
+        if self.position.index == 0:
+            self.hidden = None  # each epoch's layout starts fresh
+        x, y = self.streams.get(self.position)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        lr = learning_rate(self.config, self.step, budget_progress(self.config, self.step, self.elapsed))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(self.device, self.dtype):
+            logits, hidden = self.model(x, self.hidden)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"the loss became {loss_value} at step {self.step + 1}: training stopped before the bad step "
+                f"touched the weights. Lower --lr (now {self.config.lr:g}) or --grad-clip, then resume from "
+                f"{self.run_dir / 'last'}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            if not torch.isfinite(norm):
+                raise TrainingError(
+                    f"the gradient became non-finite at step {self.step + 1}: training stopped before it touched "
+                    f"the weights. Lower --lr, then resume from {self.run_dir / 'last'}"
+                )
+        self.optimizer.step()
+        self.hidden = detach_hidden(hidden)
+        self.step += 1
+        self.position = self.streams.next(self.position)
+        return loss_value
+
+    def run(self) -> TrainResult:
+        c = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._trim_metrics()
+        chars_per_step = c.batch_size * c.seq_len
+        print(
+            f"charrnn: {self.model_config.cell} {self.model_config.n_layers}x{self.model_config.hidden_size}, "
+            f"{count_parameters(self.model):,} parameters, vocab {self.tokenizer.vocab_size}, "
+            f"{len(self.train_tokens):,} train / {len(self.val_tokens):,} val chars, "
+            f"{self.device.type} {str(self.dtype).replace('torch.', '')}; run dir {self.run_dir}",
+            file=sys.stderr,
+        )
+        self.model.train()
+        stop_signal = StopSignal()
+        reason = None
+        bar = tqdm(total=1000, disable=None if c.progress else True, dynamic_ncols=True, leave=False,
+                   bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
+        try:
+            with stop_signal.installed():
+                last_tick, window_chars, window_start = None, 0, time.perf_counter()
+                while reason is None:
+                    tick = time.perf_counter()
+                    if last_tick is not None:
+                        self.elapsed += tick - last_tick
+                    last_tick = tick
+                    reason = self._budget_done()
+                    if reason or stop_signal.signum is not None:
+                        break
+                    loss = self.train_step()
+                    self._log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                               "elapsed": round(self.elapsed, 3)})
+                    window_chars += chars_per_step
+                    if self.step % c.eval_interval == 0:
+                        self.evaluate_and_save(bar)
+                    if self.step % 10 == 0:
+                        now = time.perf_counter()
+                        speed = window_chars / (now - window_start)
+                        window_chars, window_start = 0, now
+                        bar.n = int(1000 * min(1.0, budget_progress(c, self.step, self.elapsed)))
+                        bar.set_postfix_str(f" step {self.step} loss {loss:.3f} best val {self.best_val:.3f} {speed:,.0f} chars/s")
+                if stop_signal.signum is not None:
+                    reason = f"stopped by {signal.Signals(stop_signal.signum).name}"
+                # The last evaluation and save, still under the handler: a second Ctrl-C cannot cut them short.
+                if self.step % c.eval_interval != 0 or not (self.run_dir / "last").exists():
+                    self.evaluate_and_save(bar)
+        finally:
+            bar.close()
+        print(
+            f"charrnn: {reason} at step {self.step}; best val {self.best_val:.4f} nats/char "
+            f"({self.best_val / LN2:.3f} bpc)\n"
+            f"  checkpoints: {self.run_dir / 'best'} (best), {self.run_dir / 'last'} (last, resumable)\n"
+            f"  sample:  python sample.py --checkpoint {self.run_dir} --prompt \"ROMEO:\"\n"
+            f"  resume:  python train.py --resume {self.run_dir / 'last'} --max-time SECONDS",
+            file=sys.stderr,
+        )
+        return TrainResult(self.run_dir, self.step, self.best_val, reason, stop_signal.signum)
+
+
+def train(config: TrainConfig, model_config: ModelConfig | None = None, explicit: set[str] | None = None) -> TrainResult:
+    """Train a CharRNN as ``config`` says and return where its checkpoints are."""
+    return Trainer(config, model_config, explicit).run()
