@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -151,9 +152,12 @@ def _read_folder(folder: Path) -> str:
         rel = path.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts):
             continue
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CorpusError(f"cannot read {path}: {exc.strerror}; fix its permissions or remove it from {folder}") from None
         if _looks_binary(data):
-            print(f"note: skipping binary file {path}")
+            print(f"note: skipping binary file {path}", file=sys.stderr)
             continue
         text = _decode(data, path)
         if text:

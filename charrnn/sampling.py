@@ -192,30 +192,33 @@ class Sampler:
         streams = logits.size(0)
         scanners = [StopScanner(config.stop) for _ in range(streams)]
         active = set(range(streams))
-        # (logits, hidden) before each recent character, to rewind past a stop string.
-        history: deque = deque(maxlen=max((len(s) for s in config.stop), default=0) + 1)
+        # (logits, hidden) before each recent character, to rewind to the end of the shown text.
+        history: deque = deque(maxlen=max((len(s) for s in config.stop), default=1))
         decode = self.tokenizer.decode
-        for _ in range(config.length):
-            history.append((logits, hidden))
-            tokens = pick_next(logits, config, generator)
-            ids = tokens.tolist()
+        try:
+            for _ in range(config.length):
+                history.append((logits, hidden))
+                tokens = pick_next(logits, config, generator)
+                logits, hidden = self.stepper.step(tokens, hidden)
+                ids = tokens.tolist()
+                for i in sorted(active):
+                    piece = scanners[i].push(decode((ids[i],)))
+                    if piece:
+                        yield i, piece
+                    if scanners[i].done:
+                        active.discard(i)
+                if not active:
+                    return
             for i in sorted(active):
-                piece = scanners[i].push(decode((ids[i],)))
+                piece = scanners[i].flush()
                 if piece:
                     yield i, piece
-                if scanners[i].done:
-                    active.discard(i)
-            if not active:
-                if end is not None:
-                    end["logits"], end["hidden"] = history[-scanners[0].stop_length]
-                return
-            logits, hidden = self.stepper.step(tokens, hidden)
-        for i in sorted(active):
-            piece = scanners[i].flush()
-            if piece:
-                yield i, piece
-        if end is not None:
-            end["logits"], end["hidden"] = logits, hidden
+        finally:
+            # Also when the caller stops reading early: the state then matches what it was shown.
+            if end is not None:
+                scanner = scanners[0]
+                unshown = scanner.stop_length if scanner.done else len(scanner.pending)
+                end["logits"], end["hidden"] = history[-unshown] if unshown else (logits, hidden)
 
     def _config(self, **options: Any) -> SampleConfig:
         if isinstance(options.get("stop"), str):

@@ -189,7 +189,10 @@ class Trainer:
         self.train_tokens, self.val_tokens = split_tokens(tokens)
         if len(self.val_tokens) < 2:
             raise CorpusError(f"corpus {config.data!r} is too short for a validation split: it needs at least 20 characters")
-        self.streams = BatchStreams(self.train_tokens, config.batch_size, config.seq_len, config.seed)
+        try:
+            self.streams = BatchStreams(self.train_tokens, config.batch_size, config.seq_len, config.seed)
+        except CorpusError as exc:
+            raise CorpusError(f"corpus {config.data!r}: {exc}") from None
 
         torch.manual_seed(config.seed)
         self.model_config = ModelConfig(**{**model_config.to_dict(), "vocab_size": self.tokenizer.vocab_size})

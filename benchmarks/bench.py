@@ -1,0 +1,313 @@
+"""charrnn against plain PyTorch, side by side in one run, on this machine.
+
+    python benchmarks/bench.py            # the full table (about 10 minutes, plus 5 for --quality)
+    python benchmarks/bench.py --quick    # a smoke run in well under a minute
+    python benchmarks/bench.py --quality  # also train with defaults for 300 s and report val loss
+
+The reference is what a typical user writes: an fp32 ``nn.LSTM`` (or GRU / RNN) called
+as is, trained with Adam and clipping, and sampled by calling it once per character.
+Every ratio in the table compares two measurements taken in this same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from charrnn.config import ModelConfig, TrainConfig  # noqa: E402
+from charrnn.model import CharRNN  # noqa: E402
+from charrnn.sampling import Sampler  # noqa: E402
+from charrnn.stepper import Stepper  # noqa: E402
+from charrnn.tokenizer import CharTokenizer  # noqa: E402
+from charrnn.train import Trainer  # noqa: E402
+
+VOCAB = 65
+
+
+# --- the plain-PyTorch reference ----------------------------------------------------------
+
+
+class Reference(nn.Module):
+    """What a user writes by hand: embedding, nn.LSTM/GRU/RNN, linear head; fp32."""
+
+    def __init__(self, cell: str, vocab: int, emb: int, hidden: int, layers: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, emb)
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN}[cell]
+        self.rnn = rnn(emb, hidden, layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, x, hidden=None):
+        out, hidden = self.rnn(self.embedding(x), hidden)
+        return self.head(out), hidden
+
+
+def detach(hidden):
+    return tuple(h.detach() for h in hidden) if isinstance(hidden, tuple) else hidden.detach()
+
+
+def matmul_peak(dtype: torch.dtype, size: int, seconds: float) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_char(model: nn.Module) -> float:
+    """Training cost: 2 FLOPs per weight forward, 4 backward, for every matrix but the embedding."""
+    weights = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n)
+    return 6.0 * weights
+
+
+def time_steps(step, warmup: int, seconds: float, min_steps: int = 3) -> float:
+    """Seconds per call of step(), after warm-up."""
+    for _ in range(warmup):
+        step()
+    n, start = 0, time.perf_counter()
+    while n < min_steps or time.perf_counter() - start < seconds:
+        step()
+        n += 1
+    return (time.perf_counter() - start) / n
+
+
+def write_corpus(path: Path, chars: int) -> None:
+    """A corpus for the training benchmark: Tiny Shakespeare when cached, else random words."""
+    shakespeare = ROOT / "data" / "shakespeare" / "input.txt"
+    if shakespeare.exists():
+        path.write_text(shakespeare.read_text(encoding="utf-8")[:chars], encoding="utf-8")
+        return
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = ["".join(rng.choice(letters, rng.integers(1, 9))) for _ in range(2000)]
+    text = " ".join(rng.choice(words, chars // 5)) + "\n"
+    path.write_text(text[:chars], encoding="utf-8")
+
+
+# --- 1 and 2: training ------------------------------------------------------------------------
+
+
+def bench_training(cell: str, args, corpus: Path, peak_bf16: float, peak_fp32: float) -> dict:
+    hidden, layers, emb, seq, batch = args.hidden, 2, args.emb, args.seq_len, args.batch
+    config = TrainConfig(
+        data=str(corpus), out=tempfile.mkdtemp(), seq_len=seq, batch_size=batch, max_iters=10**9,
+        max_time=0, progress=False, sample_chars=0, device="cpu", warmup_iters=0, lr=2e-3, min_lr=2e-3,
+    )
+    trainer = Trainer(config, ModelConfig(cell=cell, n_layers=layers, hidden_size=hidden, embedding_size=emb, dropout=0.0))
+    vocab = trainer.tokenizer.vocab_size
+
+    torch.manual_seed(0)
+    ref = Reference(cell, vocab, emb, hidden, layers)
+    ref.load_state_dict(trainer.model.state_dict(), strict=False)  # same initial weights
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=2e-3)
+    ref_state = {"hidden": None, "pos": trainer.position}
+    streams = trainer.streams
+
+    def ref_step() -> float:
+        x, y = streams.get(ref_state["pos"])
+        if ref_state["pos"].index == 0:
+            ref_state["hidden"] = None
+        logits, h = ref(x, ref_state["hidden"])
+        loss = F.cross_entropy(logits.view(-1, vocab), y.view(-1))
+        ref_opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(ref.parameters(), 5.0)
+        ref_opt.step()
+        ref_state["hidden"] = detach(h)
+        ref_state["pos"] = streams.next(ref_state["pos"])
+        return loss.item()
+
+    # Loss agreement: the same initial weights and batches, 50 steps each.
+    ours = [trainer.train_step() for _ in range(args.agree_steps)]
+    theirs = [ref_step() for _ in range(args.agree_steps)]
+    window = min(5, args.agree_steps)
+    agree = abs(np.mean(ours[-window:]) - np.mean(theirs[-window:]))
+
+    chars = seq * batch
+    t_ours = time_steps(trainer.train_step, 1, args.seconds)
+    t_ref = time_steps(ref_step, 1, args.seconds)
+    fpc = flops_per_char(trainer.model)
+    peak = peak_bf16 if trainer.dtype == torch.bfloat16 else peak_fp32
+    return {
+        "cell": cell,
+        "ours": chars / t_ours,
+        "ref": chars / t_ref,
+        "gflops": fpc * chars / t_ours / 1e9,
+        "peak": peak,
+        "dtype": str(trainer.dtype).replace("torch.", ""),
+        "loss_ours": float(np.mean(ours[-window:])),
+        "loss_ref": float(np.mean(theirs[-window:])),
+        "agree": agree,
+    }
+
+
+# --- 3: sampling --------------------------------------------------------------------------------
+
+
+def reference_sample(ref: Reference, streams: int, length: int, seed: int = 0) -> float:
+    """chars/s of the naive loop: nn.LSTM called on one character at a time."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(streams, 1, dtype=torch.long)
+    hidden = None
+    with torch.no_grad():
+        start = time.perf_counter()
+        for _ in range(length):
+            logits, hidden = ref(x, hidden)
+            probs = torch.softmax(logits[:, -1] / 0.8, dim=-1)
+            x = torch.multinomial(probs, 1, generator=g)
+        return streams * length / (time.perf_counter() - start)
+
+
+def bench_sampling(args) -> dict:
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=VOCAB, cell="lstm", n_layers=2, hidden_size=args.hidden, embedding_size=args.emb, dropout=0.0))
+    model.eval()
+    tokenizer = CharTokenizer([chr(32 + i) for i in range(VOCAB - 1)])
+    ref = Reference("lstm", VOCAB, args.emb, args.hidden, 2).eval()
+    ref.load_state_dict(model.state_dict(), strict=False)
+
+    # Correctness of the fast path: stepwise fp32 logits against the reference's, same weights and input.
+    x = torch.randint(VOCAB, (4, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, _ = ref(x)
+        stepper = Stepper(model, torch.float32)
+        hidden = model.init_hidden(4)
+        got = []
+        for t in range(x.size(1)):
+            logits, hidden = stepper.step(x[:, t], hidden)
+            got.append(logits)
+        max_diff = float((torch.stack(got, 1) - want).abs().max())
+
+    sampler = Sampler(model, tokenizer)  # the default fast path
+    n1, n64 = args.sample_chars, args.sample_chars_batch
+    sampler.generate("a", length=min(200, n1), seed=0)
+    start = time.perf_counter()
+    sampler.generate("a", length=n1, seed=0)
+    ours1 = n1 / (time.perf_counter() - start)
+    ref1 = reference_sample(ref, 1, max(50, n1 // 10))
+    start = time.perf_counter()
+    sampler.generate_many("a", 64, length=n64, seed=0)
+    ours64 = 64 * n64 / (time.perf_counter() - start)
+    ref64 = reference_sample(ref, 64, max(20, n64 // 4))
+    return {"ours1": ours1, "ref1": ref1, "ours64": ours64, "ref64": ref64, "logit_diff": max_diff, "dtype": str(sampler.dtype).replace("torch.", "")}
+
+
+# --- 4: memory -------------------------------------------------------------------------------------
+
+
+def child_peak_rss(code: str) -> float:
+    """Peak RSS (MB) of a fresh Python process running ``code``."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import resource, sys\n" + code + "\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    )
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def bench_memory(args, corpus: Path) -> dict:
+    setup = (
+        "import torch; from charrnn.model import CharRNN; from charrnn.config import ModelConfig\n"
+        "from charrnn.sampling import Sampler; from charrnn.tokenizer import CharTokenizer\n"
+        f"m = CharRNN(ModelConfig(vocab_size={VOCAB}, hidden_size={args.hidden}, embedding_size={args.emb}))\n"
+        f"s = Sampler(m, CharTokenizer([chr(32 + i) for i in range({VOCAB - 1})]))\n"
+    )
+    small = child_peak_rss(setup + "s.generate('a', length=1000, seed=0)")
+    large = child_peak_rss(setup + f"s.generate('a', length={args.memory_chars}, seed=0)")
+    train = child_peak_rss(
+        "from charrnn.train import Trainer; from charrnn.config import TrainConfig, ModelConfig\n"
+        f"t = Trainer(TrainConfig(data={str(corpus)!r}, out={tempfile.mkdtemp()!r}, seq_len={args.seq_len}, "
+        f"batch_size={args.batch}, max_iters=10, max_time=0, progress=False, sample_chars=0, device='cpu'), "
+        f"ModelConfig(hidden_size={args.hidden}, embedding_size={args.emb}))\n"
+        "for _ in range(5): t.train_step()"
+    )
+    return {"sample_small": small, "sample_large": large, "train": train}
+
+
+# --- 5: quality at a budget ---------------------------------------------------------------------
+
+
+def bench_quality(seconds: int) -> dict:
+    out = tempfile.mkdtemp()
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "train.py", "--data", "shakespeare", "--max-time", str(seconds), "--out", out, "--sample-chars", "0"],
+        cwd=ROOT, check=True,
+    )
+    wall = time.perf_counter() - start
+    meta = json.loads((Path(out) / "best" / "config.json").read_text())
+    return {"val": meta["best_val_loss"], "wall": wall, "steps": meta["step"]}
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes and short timings: a smoke run")
+    parser.add_argument("--quality", action="store_true", help="also train with defaults for --quality-seconds")
+    parser.add_argument("--quality-seconds", type=int, default=300)
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.emb, args.seq_len, args.batch = 128, 32, 32, 16
+        args.seconds, args.agree_steps, args.cells = 0.5, 10, ["lstm"]
+        args.sample_chars, args.sample_chars_batch, args.memory_chars, args.peak_seconds = 300, 50, 3000, 0.3
+    else:
+        args.hidden, args.emb, args.seq_len, args.batch = 512, 64, 100, 64
+        args.seconds, args.agree_steps, args.cells = 20.0, 50, ["lstm", "gru", "rnn_tanh"]
+        args.sample_chars, args.sample_chars_batch, args.memory_chars, args.peak_seconds = 5000, 500, 100_000, 3.0
+
+    print(f"charrnn benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'quick' if args.quick else 'full'} run; reference = plain fp32 PyTorch\n")
+    peak32 = matmul_peak(torch.float32, 1024 if args.quick else 2048, args.peak_seconds)
+    peak16 = matmul_peak(torch.bfloat16, 1024 if args.quick else 2048, args.peak_seconds)
+    print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
+
+    size = f"2x{args.hidden}, seq {args.seq_len}, batch {args.batch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        write_corpus(corpus, 2_000_000 if not args.quick else 200_000)
+        print(f"\n1-2. training throughput ({size}) and loss agreement after {args.agree_steps} steps")
+        print(f"{'cell':<9} {'charrnn chars/s':>15} {'reference':>10} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7} "
+              f"{'loss ours':>9} {'loss ref':>9} {'|diff|':>7}")
+        for cell in args.cells:
+            r = bench_training(cell, args, corpus, peak16, peak32)
+            print(f"{cell:<9} {r['ours']:>15,.0f} {r['ref']:>10,.0f} {r['ours'] / r['ref']:>5.2f}x {r['gflops']:>8.0f} "
+                  f"{100 * r['gflops'] / r['peak']:>6.0f}% {r['loss_ours']:>9.4f} {r['loss_ref']:>9.4f} {r['agree']:>7.4f}"
+                  f"   ({r['dtype']} vs float32)")
+
+        s = bench_sampling(args)
+        print(f"\n3. sampling, LSTM 2x{args.hidden} (charrnn {s['dtype']} fast path vs nn.LSTM per character)")
+        print(f"   1 stream:   {s['ours1']:>9,.0f} chars/s vs {s['ref1']:>8,.0f}  ({s['ours1'] / s['ref1']:.1f}x)")
+        print(f"   64 streams: {s['ours64']:>9,.0f} chars/s vs {s['ref64']:>8,.0f}  ({s['ours64'] / s['ref64']:.1f}x)")
+        print(f"   fp32 stepwise logits vs reference: max |diff| {s['logit_diff']:.2e}")
+
+        m = bench_memory(args, corpus)
+        print(f"\n4. peak RSS: training {m['train']:.0f} MB; sampling 1,000 chars {m['sample_small']:.0f} MB, "
+              f"{args.memory_chars:,} chars {m['sample_large']:.0f} MB")
+
+    if args.quality:
+        q = bench_quality(args.quality_seconds)
+        print(f"\n5. quality: train.py --data shakespeare --max-time {args.quality_seconds}: best val "
+              f"{q['val']:.4f} nats/char ({q['val'] / math.log(2):.3f} bpc) after {q['steps']} steps, {q['wall']:.0f} s wall")
+
+
+if __name__ == "__main__":
+    main()

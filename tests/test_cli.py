@@ -1,0 +1,110 @@
+"""train.py and sample.py end to end, as a user runs them (subprocesses, no network)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, REPO
+
+TRAIN = str(REPO / "train.py")
+SAMPLE = str(REPO / "sample.py")
+
+
+def run(args, env, cwd, timeout=180):
+    return subprocess.run(
+        [PYTHON, *args], cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, corpus_file, subprocess_env):
+    """One `train.py` run on the tiny corpus, shared by the tests of this module."""
+    work = tmp_path_factory.mktemp("cli")
+    out = work / "run"
+    proc = run(
+        [
+            TRAIN,
+            "--data", str(corpus_file),
+            "--max-iters", "20",
+            "--max-time", "0",
+            "--eval-interval", "10",
+            "--hidden-size", "32",
+            "--embedding-size", "8",
+            "--batch-size", "4",
+            "--seq-len", "16",
+            "--out", str(out),
+            "--device", "cpu",
+            "--dtype", "float32",
+            "--sample-chars", "0",
+        ],
+        subprocess_env,
+        cwd=work,
+    )
+    return proc, out, work
+
+
+def test_train_writes_best_and_last_checkpoints(cli_run):
+    proc, out, _ = cli_run
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for name in ("best", "last"):
+        for file in ("config.json", "model.safetensors", "tokenizer.json"):
+            assert (out / name / file).is_file(), f"{name}/{file} missing"
+    config = json.loads((out / "last" / "config.json").read_text(encoding="utf-8"))
+    assert config["step"] == 20
+    assert config["model"]["hidden_size"] == 32 and config["model"]["embedding_size"] == 8
+    assert config["train"]["batch_size"] == 4 and config["train"]["seq_len"] == 16
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in metrics if "val_loss" in r] == [10, 20]
+
+
+def test_train_tells_how_to_sample(cli_run):
+    proc, out, _ = cli_run
+    assert f"python sample.py --checkpoint {out}" in proc.stderr
+    assert str(out / "best") in proc.stderr
+
+
+def test_sample_prints_prompt_and_length_characters_deterministically(cli_run, subprocess_env):
+    _, out, work = cli_run
+    args = [SAMPLE, "--checkpoint", str(out), "--prompt", "ab", "--length", "50", "--seed", "3", "--device", "cpu"]
+    first = run(args, subprocess_env, cwd=work)
+    assert first.returncode == 0, first.stderr
+    assert "Traceback" not in first.stderr
+    text = first.stdout
+    assert text.startswith("ab")
+    assert text.endswith("\n")
+    assert len(text) == len("ab") + 50 + 1  # prompt, 50 characters, final newline
+    second = run(args, subprocess_env, cwd=work)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == text
+
+
+def _assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "fragments"),
+    [
+        ("train", ["--data", "/no/such/file", "--max-iters", "1", "--device", "cpu"], ["'/no/such/file' not found"]),
+        ("train", ["--dropout", "1.5"], ["--dropout must be in [0, 1)", "1.5"]),
+        ("sample", ["--temperature", "-1"], ["temperature must be >= 0"]),
+        ("sample", ["--checkpoint", "/no/such/run", "--device", "cpu"], ["/no/such/run", "not found"]),
+    ],
+    ids=["train-missing-data", "train-bad-dropout", "sample-negative-temperature", "sample-missing-checkpoint"],
+)
+def test_user_mistakes_print_one_error_line(tmp_path, subprocess_env, script, args, fragments):
+    proc = run([TRAIN if script == "train" else SAMPLE, *args], subprocess_env, cwd=tmp_path)
+    _assert_one_line_error(proc, *fragments)
+    assert proc.returncode == 2
+    assert not (tmp_path / "checkpoints").exists()  # nothing was written
+
