@@ -108,7 +108,8 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     old = path.parent / f".{path.name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process that was killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp.mkdir()
         hashes = {
