@@ -198,16 +198,16 @@ def bench_sampling(args) -> dict:
 
     sampler = Sampler(model, tokenizer)  # the default fast path
     n1, n64 = args.sample_chars, args.sample_chars_batch
-    sampler.generate("a", length=min(200, n1), seed=0)
+    sampler.generate("A", length=min(200, n1), seed=0)
     start = time.perf_counter()
-    sampler.generate("a", length=n1, seed=0)
+    sampler.generate("A", length=n1, seed=0)
     ours1 = n1 / (time.perf_counter() - start)
     ref1 = reference_sample(ref, 1, max(50, n1 // 10))
     start = time.perf_counter()
-    sampler.generate_many("a", 64, length=n64, seed=0)
+    sampler.generate_many("A", 64, length=n64, seed=0)
     ours64 = 64 * n64 / (time.perf_counter() - start)
     ref64 = reference_sample(ref, 64, max(20, n64 // 4))
-    return {"ours1": ours1, "ref1": ref1, "ours64": ours64, "ref64": ref64, "logit_diff": max_diff, "dtype": str(sampler.dtype).replace("torch.", "")}
+    return {"ours1": ours1, "ref1": ref1, "ours64": ours64, "ref64": ref64, "logit_diff": max_diff, "dtype": f"{sampler.stepper(1).dtype} (1 stream), {sampler.stepper(64).dtype} (64)".replace("torch.", "")}
 
 
 # --- 4: memory -------------------------------------------------------------------------------------
@@ -229,8 +229,8 @@ def bench_memory(args, corpus: Path) -> dict:
         f"m = CharRNN(ModelConfig(vocab_size={VOCAB}, hidden_size={args.hidden}, embedding_size={args.emb}))\n"
         f"s = Sampler(m, CharTokenizer([chr(32 + i) for i in range({VOCAB - 1})]))\n"
     )
-    small = child_peak_rss(setup + "s.generate('a', length=1000, seed=0)")
-    large = child_peak_rss(setup + f"s.generate('a', length={args.memory_chars}, seed=0)")
+    small = child_peak_rss(setup + "s.generate('A', length=1000, seed=0)")
+    large = child_peak_rss(setup + f"s.generate('A', length={args.memory_chars}, seed=0)")
     train = child_peak_rss(
         "from charrnn.train import Trainer; from charrnn.config import TrainConfig, ModelConfig\n"
         f"t = Trainer(TrainConfig(data={str(corpus)!r}, out={tempfile.mkdtemp()!r}, seq_len={args.seq_len}, "

@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import find_latest_checkpoint, load_checkpoint
 from .config import SampleConfig
-from .device import resolve_device
+from .device import cpu_has_fast_bf16, resolve_device
 from .errors import PromptError
 from .evaluation import evaluate
 from .model import CharRNN, Hidden
@@ -122,7 +122,7 @@ class Sampler:
         model: CharRNN,
         tokenizer: CharTokenizer,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         max_prompt_chars: int = MAX_PROMPT_CHARS,
     ):
         self.device = torch.device(device)
@@ -130,7 +130,23 @@ class Sampler:
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.max_prompt_chars = max_prompt_chars
-        self.stepper = Stepper(self.model, dtype)
+        self._steppers: dict[torch.dtype, Stepper] = {}
+
+    def stepper(self, streams: int = 1) -> Stepper:
+        """The step function for ``streams`` parallel streams.
+
+        With ``dtype=None`` (auto), one stream steps in float32: it is bound by reading
+        the weights, where bfloat16 kernels gain little here. Batches of 8 or more use
+        bfloat16 products where the hardware runs them natively (AMX, tensor cores),
+        where they are compute-bound and about 1.6x faster.
+        """
+        dtype = self.dtype
+        if dtype is None:
+            fast_bf16 = cpu_has_fast_bf16() if self.device.type == "cpu" else self.device.type == "cuda"
+            dtype = torch.bfloat16 if streams >= 8 and fast_bf16 else torch.float32
+        if dtype not in self._steppers:
+            self._steppers[dtype] = Stepper(self.model, dtype)
+        return self._steppers[dtype]
 
     @property
     def vocab(self) -> list[str]:
@@ -190,6 +206,7 @@ class Sampler:
         returned text (the stop string excluded), so a chat can continue from there.
         """
         streams = logits.size(0)
+        stepper = self.stepper(streams)
         scanners = [StopScanner(config.stop) for _ in range(streams)]
         active = set(range(streams))
         # (logits, hidden) before each recent character, to rewind to the end of the shown text.
@@ -199,7 +216,7 @@ class Sampler:
             for _ in range(config.length):
                 history.append((logits, hidden))
                 tokens = pick_next(logits, config, generator)
-                logits, hidden = self.stepper.step(tokens, hidden)
+                logits, hidden = stepper.step(tokens, hidden)
                 ids = tokens.tolist()
                 for i in sorted(active):
                     piece = scanners[i].push(decode((ids[i],)))
@@ -321,7 +338,7 @@ class ChatSession:
 def load(
     path: str | Path | None = None,
     device: str = "auto",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> Sampler:
     """Load a checkpoint (default: the newest best under ``checkpoints/``) as a :class:`Sampler`."""
     resolved = resolve_device(device)

@@ -24,31 +24,46 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
 class Stepper:
-    """Advance B streams by one character each, over weights packed from ``model``."""
+    """Advance B streams by one character each, over weights packed from ``model``.
+
+    ``dtype`` is the precision of the matrix products (bfloat16 halves the bytes each
+    step reads and runs on AMX / tensor cores); the state and the gate arithmetic stay
+    float32, so long generations do not drift.
+    """
 
     def __init__(self, model: CharRNN, dtype: torch.dtype = torch.float32):
         cfg = model.config
-        self.cell, self.n_layers, self.hidden_size = cfg.cell, cfg.n_layers, cfg.hidden_size
+        self.cell, self.n_layers = cfg.cell, cfg.n_layers
         self.dtype = dtype
         rnn = model.rnn
+        device = model.head.weight.device
         with torch.no_grad():
 
             def p(name: str, layer: int) -> torch.Tensor:
                 return getattr(rnn, f"{name}_l{layer}").detach().float()
 
+            def matrix(w: torch.Tensor) -> torch.Tensor:  # (out, in) -> (in, out), ready for x @ W
+                return w.T.contiguous().to(dtype)
+
             # For GRU, b_hh stays with the hidden product: n = tanh(x_n + r * (W_hn h + b_hn)).
             hidden_bias_in_x = cfg.cell != "gru"
-            bias0 = p("bias_ih", 0) + (p("bias_hh", 0) if hidden_bias_in_x else 0)
-            self.table0 = (model.embedding.weight.detach().float() @ p("weight_ih", 0).T + bias0).to(dtype)
-            self.w_hh = [p("weight_hh", l).T.contiguous().to(dtype) for l in range(cfg.n_layers)]
-            self.b_hh = [p("bias_hh", l).to(dtype) for l in range(cfg.n_layers)]
-            self.w_ih = [None] + [p("weight_ih", l).T.contiguous().to(dtype) for l in range(1, cfg.n_layers)]
-            self.b_x = [None] + [
-                (p("bias_ih", l) + (p("bias_hh", l) if hidden_bias_in_x else 0)).to(dtype)
-                for l in range(1, cfg.n_layers)
-            ]
-            self.w_head = model.head.weight.detach().float().T.contiguous().to(dtype)
-            self.b_head = model.head.bias.detach().float().to(dtype)
+
+            def x_bias(layer: int) -> torch.Tensor:
+                return p("bias_ih", layer) + (p("bias_hh", layer) if hidden_bias_in_x else 0)
+
+            self.table0 = model.embedding.weight.detach().float() @ p("weight_ih", 0).T + x_bias(0)
+            self.w_hh = [matrix(p("weight_hh", l)) for l in range(cfg.n_layers)]
+            self.b_hh = [p("bias_hh", l) for l in range(cfg.n_layers)]
+            self.w_ih = [None] + [matrix(p("weight_ih", l)) for l in range(1, cfg.n_layers)]
+            self.b_x = [None] + [x_bias(l) for l in range(1, cfg.n_layers)]
+            self.w_head = matrix(model.head.weight.detach().float())
+            self.b_head = model.head.bias.detach().float().to(device)
+
+    def _mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """bias + x @ w in float32, the product itself in ``self.dtype``."""
+        if self.dtype == torch.float32:
+            return torch.addmm(bias, x, w)
+        return torch.mm(x.to(self.dtype), w).float() + bias
 
     def step(self, tokens: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
         """tokens (B,) int64, hidden as from ``CharRNN`` -> float32 logits (B, V) and the new hidden."""
@@ -57,10 +72,10 @@ class Stepper:
         new_h, new_c = [], []
         x = None
         for layer in range(self.n_layers):
-            h = h_all[layer].to(self.dtype)
-            gx = self.table0[tokens] if layer == 0 else torch.addmm(self.b_x[layer], x, self.w_ih[layer])
+            h = h_all[layer].float()
+            gx = self.table0[tokens] if layer == 0 else self._mm(x, self.w_ih[layer], self.b_x[layer])
             if self.cell == "gru":
-                gh = torch.addmm(self.b_hh[layer], h, self.w_hh[layer])
+                gh = self._mm(h, self.w_hh[layer], self.b_hh[layer])
                 xr, xz, xn = gx.chunk(3, 1)
                 hr, hz, hn = gh.chunk(3, 1)
                 r = torch.sigmoid(xr + hr)
@@ -68,15 +83,15 @@ class Stepper:
                 n = torch.tanh(xn + r * hn)
                 x = n + z * (h - n)  # (1 - z) * n + z * h
             else:
-                gates = torch.addmm(gx, h, self.w_hh[layer])
+                gates = self._mm(h, self.w_hh[layer], gx)
                 if lstm:
                     i, f, g, o = gates.chunk(4, 1)
-                    c = torch.sigmoid(f) * c_all[layer].to(self.dtype) + torch.sigmoid(i) * torch.tanh(g)
+                    c = torch.sigmoid(f) * c_all[layer].float() + torch.sigmoid(i) * torch.tanh(g)
                     x = torch.sigmoid(o) * torch.tanh(c)
                     new_c.append(c)
                 else:
                     x = torch.tanh(gates) if self.cell == "rnn_tanh" else torch.relu(gates)
             new_h.append(x)
-        logits = torch.addmm(self.b_head, x, self.w_head).float()
+        logits = self._mm(x, self.w_head, self.b_head)
         h_out = torch.stack(new_h)
         return logits, ((h_out, torch.stack(new_c)) if lstm else h_out)
