@@ -20,6 +20,7 @@ names the file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ TOKENIZER_FILE = "tokenizer.json"
 STATE_TENSORS_FILE = "training_state.safetensors"
 STATE_JSON_FILE = "training_state.json"
 FORMAT_VERSION = 1
+_PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle"}
 
 
 @dataclass
@@ -137,18 +139,28 @@ def save_checkpoint(
         os.rename(tmp, path)
         _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
+    except BaseException as exc:
+        # Whatever stopped the save (a full disk, an exception, Ctrl-C in a library
+        # caller), put the previous checkpoint back and leave no half-written folder.
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():
             os.rename(old, path)
-        raise CheckpointError(
-            f"could not write checkpoint {path}: {exc.strerror or exc}. The previous checkpoint is unchanged; "
-            "free some disk space or choose another --out"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(
+                f"could not write checkpoint {path}: {_describe_os_error(exc)}. The previous checkpoint is "
+                "unchanged; free some disk space or choose another --out"
+            ) from None
         raise
     return path
+
+
+def _describe_os_error(exc: OSError) -> str:
+    code = exc.errno
+    if code is None and len(exc.args) == 1 and isinstance(exc.args[0], int):
+        code = exc.args[0]  # OSError(errno.ENOSPC), as some wrappers raise it
+    if code == errno.ENOSPC:
+        return "the disk is full (no space left on device)"
+    return exc.strerror or (os.strerror(code) if code else str(exc))
 
 
 # --- loading --------------------------------------------------------------------------
@@ -164,13 +176,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / CONFIG_FILE).exists():
         return path
     for name in ("best", "last"):
-        if (path / name / CONFIG_FILE).exists():
-            return path / name
+        for candidate in (path / name, path / f".{name}.old"):
+            if (candidate / CONFIG_FILE).exists():
+                return candidate
     old = path.parent / f".{path.name}.old"
     if (old / CONFIG_FILE).exists():
         return old
     if path.is_dir():
-        raise CheckpointError(f"{path} holds no {CONFIG_FILE}: it is not a checkpoint or a run directory")
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        hint = (
+            f" ({', '.join(pickles[:3])} looks like a pickled torch checkpoint, which charrnn never loads: "
+            "unpickling can run any code)"
+            if pickles
+            else ""
+        )
+        raise CheckpointError(f"{path} holds no {CONFIG_FILE}: it is not a charrnn checkpoint or run directory{hint}")
+    if path.exists():
+        raise CheckpointError(
+            f"{path} is a file, not a checkpoint: a charrnn checkpoint is a directory (a run's 'best' or 'last'); "
+            "pickled torch files are never loaded"
+        )
     raise CheckpointError(f"checkpoint {path} not found: pass a run directory or its 'best' / 'last' folder")
 
 
@@ -251,12 +276,18 @@ def load_checkpoint(
         )
 
     weights = _load_tensors(path, WEIGHTS_FILE, hashes)
+    # Every layer has tensors of its own: a damaged n_layers must not make us build millions of layers.
+    if model_config.n_layers > len(weights):
+        raise CheckpointError(
+            f"{path / WEIGHTS_FILE} does not fit the model in {CONFIG_FILE} ({len(weights)} tensors for "
+            f"{model_config.n_layers} layers): the files come from different runs"
+        )
     try:
         # Built on the meta device first: a damaged config cannot make us allocate
         # a huge model before the shapes are compared with the (verified) weights.
         with torch.device("meta"):
             model = CharRNN(model_config)
-    except ValueError as exc:
+    except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
         raise CheckpointError(f"{path / CONFIG_FILE} holds an invalid model config: {exc}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in weights.items()}

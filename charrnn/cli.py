@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +20,15 @@ from .config import ModelConfig, SampleConfig, TrainConfig
 from .errors import CharRNNError
 
 EXIT_USER_ERROR = 2
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default in ("", []):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _flag(name: str) -> str:
@@ -58,10 +69,16 @@ def _pick(cls: type, values: dict[str, Any]) -> Any:
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def _run(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
     """Run a front end: user mistakes print one line and exit 2, Ctrl-C exits 130."""
     try:
-        return main(list(sys.argv[1:] if argv is None else argv))
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # "warning: ..." lines, not source lines
+            return main(list(sys.argv[1:] if argv is None else argv))
     except CharRNNError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -77,7 +94,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Train a character-level RNN language model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         epilog="Example: python train.py --data shakespeare   (then: python sample.py --prompt 'ROMEO:')",
     )
     _add_fields(parser, TrainConfig, "data and training")
@@ -106,7 +123,7 @@ def sample_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sample.py",
         description="Generate text from a trained charrnn checkpoint; it streams as it is written.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: newest best under checkpoints/)")
     parser.add_argument("--prompt", default="", help="text to start from (printed, then continued)")
@@ -122,6 +139,9 @@ def _sample_main(argv: list[str]) -> int:
     from .sampling import load
 
     args = sample_parser().parse_args(argv)
+    # Bytes of the command line that are not UTF-8 reach Python as lone surrogates, which no
+    # stream can print: they become U+FFFD, as the model reads them (as <unk>) anyway.
+    args.prompt = "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in args.prompt)
     options = dict(
         length=args.length,
         temperature=0.0 if args.greedy else args.temperature,
@@ -134,8 +154,10 @@ def _sample_main(argv: list[str]) -> int:
     sampler = load(args.checkpoint, device=args.device)
     out = sys.stdout
     if args.num_samples == 1:
+        pieces = sampler.stream(args.prompt, **options)
+        first = next(pieces, "")  # reads (and checks) the prompt: a refused prompt prints nothing
         out.write(args.prompt)
-        for piece in sampler.stream(args.prompt, **options):
+        for piece in itertools.chain((first,), pieces):
             out.write(piece)
             out.flush()
         out.write("\n")

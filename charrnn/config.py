@@ -7,7 +7,11 @@ that exists is a config that works.
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -27,6 +31,32 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+_NUMBER_KINDS = {int: numbers.Integral, float: numbers.Real}  # so numpy scalars pass too
+_KIND_NAMES = {numbers.Integral: "int", numbers.Real: "float", type(None): "None"}
+
+
+@functools.cache
+def _field_kinds(cls: type) -> dict[str, tuple[type, ...]]:
+    """For each field, the classes its value may be (fields typed otherwise are not checked)."""
+    kinds: dict[str, tuple[type, ...]] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        accepted = [typing.get_origin(o) or o for o in options]  # tuple[str, ...] -> tuple
+        if all(isinstance(a, type) for a in accepted):
+            kinds[name] = tuple(_NUMBER_KINDS.get(a, a) for a in accepted)
+    return kinds
+
+
+def _check_types(config: Any) -> None:
+    """Values of the declared types: a config read from a damaged file fails here, clearly."""
+    for name, accepted in _field_kinds(type(config)).items():
+        value = getattr(config, name)
+        is_number = numbers.Integral in accepted or numbers.Real in accepted
+        if not isinstance(value, accepted) or (isinstance(value, bool) and is_number):  # True is not a size
+            wanted = " or ".join(_KIND_NAMES.get(t, t.__name__) for t in accepted)
+            raise ConfigError(f"{name} must be {wanted}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shape of a CharRNN. Changing any of these makes a different model."""
@@ -39,6 +69,7 @@ class ModelConfig:
     dropout: float = field(default=0.1, metadata=_help("dropout between layers and before the output head, in [0, 1)"))
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.cell in CELLS, f"unknown cell {self.cell!r}: choose one of {', '.join(CELLS)}")
         _check(self.vocab_size >= 0, f"vocab_size must be >= 0, got {self.vocab_size}")
         _check(self.n_layers >= 1, f"--n-layers must be at least 1, got {self.n_layers}")
@@ -94,6 +125,7 @@ class TrainConfig:
     progress: bool = field(default=True, metadata=_help("show a progress bar", cli=False))
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(bool(self.data), "--data must name a corpus")
         _check(self.seq_len >= 1, f"--seq-len must be at least 1, got {self.seq_len}")
         _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
@@ -131,6 +163,7 @@ class SampleConfig:
     stop: tuple[str, ...] = field(default=(), metadata=_help("stop when the text produces this string (repeatable)", cli=False))
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.length >= 0, f"length must be >= 0, got {self.length}")
         _check(
             self.temperature >= 0 and math.isfinite(self.temperature),

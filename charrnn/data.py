@@ -8,12 +8,15 @@ A corpus spec is one of
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import itertools
 import os
 import sys
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,21 +37,61 @@ def data_dir() -> Path:
 
 # --- finding and reading a corpus ------------------------------------------------
 
+CHUNK_BYTES = 4 << 20  # read corpora this much at a time, so memory does not grow with them
+
 
 def load_corpus(spec: str, hf_split: str = "train", hf_column: str | None = None) -> str:
-    """The text of the corpus named by ``spec``, checked to be non-empty UTF-8 text."""
-    if spec == "shakespeare":
-        return _read_text_file(shakespeare_path())
+    """The whole text of the corpus named by ``spec``, checked to be non-empty UTF-8 text."""
+    return "".join(iter_corpus(spec, hf_split, hf_column))
+
+
+def iter_corpus(spec: str, hf_split: str = "train", hf_column: str | None = None) -> Iterator[str]:
+    """The text of a corpus in chunks of a few MB, checked as it is read (see :func:`load_corpus`)."""
     if spec.startswith("hf:"):
-        return load_hf_dataset(spec[3:], hf_split, hf_column)
+        yield from iter_hf_dataset(spec[3:], hf_split, hf_column)
+        return
+    files = corpus_files(spec)
+    if not Path(spec).expanduser().is_dir():
+        yield from _iter_file(files[0])
+        return
+    for path in files:
+        last = ""
+        for chunk in _iter_file(path, allow_empty=True):
+            last = chunk
+            yield chunk
+        if last and not last.endswith("\n"):
+            yield "\n"  # each file of a folder ends its own line
+
+
+def _single_file(spec: str) -> Path | None:
+    if spec == "shakespeare":
+        return shakespeare_path()
     path = Path(spec).expanduser()
-    if path.is_dir():
-        return _read_folder(path)
-    if path.is_file():
-        return _read_text_file(path)
-    raise CorpusError(
-        f"corpus {spec!r} not found: give 'shakespeare', a path to a .txt file or folder, or hf:OWNER/NAME"
-    )
+    return path if path.is_file() else None
+
+
+def corpus_files(spec: str) -> list[Path]:
+    """The local files a corpus spec stands for, in reading order (binary files of a folder left out)."""
+    single = _single_file(spec)
+    if single is not None:
+        return [single]
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        raise CorpusError(
+            f"corpus {spec!r} not found: give 'shakespeare', a path to a .txt file or folder, or hf:OWNER/NAME"
+        )
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        if _looks_binary(_head(path)):
+            print(f"note: skipping binary file {path}", file=sys.stderr)
+            continue
+        if path.stat().st_size:
+            files.append(path)
+    if not files:
+        raise CorpusError(f"folder {folder} holds no non-empty text files: add .txt files to it")
+    return files
 
 
 def corpus_name(spec: str) -> str:
@@ -117,82 +160,83 @@ def _looks_binary(data: bytes) -> bool:
     return b"\x00" in data[:65536]
 
 
-def _decode(data: bytes, path: Path) -> str:
-    if _looks_binary(data):
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(65536)
+    except OSError as exc:
+        raise CorpusError(f"cannot read {path}: {exc.strerror}; fix its permissions or remove it") from None
+
+
+def _iter_file(path: Path, allow_empty: bool = False) -> Iterator[str]:
+    """Decode a UTF-8 file chunk by chunk; errors name the file, the byte and the line."""
+    if _looks_binary(_head(path)):
         raise CorpusError(f"{path} looks like a binary file (it holds NUL bytes): give a UTF-8 text file")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines, empty = 0, 1, True
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise CorpusError(
-            f"{path} is not valid UTF-8 (byte {exc.start}, line {line}): convert it, "
-            f"e.g. iconv -f latin1 -t utf-8 {path.name} > fixed.txt"
-        ) from None
-
-
-def _read_text_file(path: Path) -> str:
-    try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            while True:
+                data = f.read(CHUNK_BYTES)
+                final = not data
+                try:
+                    text = decoder.decode(data, final=final)
+                except UnicodeDecodeError as exc:
+                    held = len(exc.object) - len(data)  # bytes the decoder kept from the last chunk
+                    at = offset - held + exc.start
+                    line = lines + exc.object[: exc.start].count(b"\n")
+                    raise CorpusError(
+                        f"{path} is not valid UTF-8 (byte {at}, line {line}): convert it, "
+                        f"e.g. iconv -f latin1 -t utf-8 {path.name} > fixed.txt"
+                    ) from None
+                offset += len(data)
+                lines += data.count(b"\n")
+                if text:
+                    empty = False
+                    yield text
+                if final:
+                    break
     except OSError as exc:
         raise CorpusError(f"cannot read {path}: {exc.strerror}") from None
-    text = _decode(data, path)
-    if not text:
+    if empty and not allow_empty:
         raise CorpusError(f"{path} is empty: give a corpus with some text in it")
-    return text
 
 
-def _read_folder(folder: Path) -> str:
-    """Every non-hidden file below ``folder``, in sorted path order, each ending in a newline.
+def iter_hf_dataset(name: str, split: str = "train", column: str | None = None) -> Iterator[str]:
+    """Rows of a Hugging Face dataset (a hub name or a local dataset folder), joined by newlines.
 
-    Binary files (images, archives) are skipped with a note; a text file that is not
-    UTF-8 is an error, since dropping it silently would change the corpus.
+    The dataset is read in streaming mode, so one larger than memory never has to fit.
     """
-    parts = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CorpusError(f"cannot read {path}: {exc.strerror}; fix its permissions or remove it from {folder}") from None
-        if _looks_binary(data):
-            print(f"note: skipping binary file {path}", file=sys.stderr)
-            continue
-        text = _decode(data, path)
-        if text:
-            parts.append(text if text.endswith("\n") else text + "\n")
-    if not parts:
-        raise CorpusError(f"folder {folder} holds no non-empty text files: add .txt files to it")
-    return "".join(parts)
-
-
-def load_hf_dataset(name: str, split: str = "train", column: str | None = None) -> str:
-    """Text of a Hugging Face dataset (a hub name or a local dataset folder), rows joined by newlines."""
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a declared dependency
         raise CorpusError("hf: corpora need the 'datasets' package: pip install datasets") from None
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+        rows = iter(ds)
+        first = next(rows, None)
     except Exception as exc:  # datasets raises many types; each means "could not load it"
         raise CorpusError(
             f"could not load Hugging Face dataset {name!r} (split {split!r}): {exc}. "
             "Check the name and split, or point hf: at a local dataset folder"
         ) from None
-    string_columns = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    if first is None:
+        raise CorpusError(f"dataset {name!r} (split {split!r}) has no rows")
+    string_columns = [c for c, v in first.items() if isinstance(v, str)]
     if column is None:
         column = "text" if "text" in string_columns else (string_columns[0] if len(string_columns) == 1 else None)
         if column is None:
-            raise CorpusError(
-                f"dataset {name!r} has string columns {string_columns}: choose one with --hf-column"
-            )
+            raise CorpusError(f"dataset {name!r} has string columns {string_columns}: choose one with --hf-column")
     elif column not in string_columns:
         raise CorpusError(f"dataset {name!r} has no text column {column!r}; its string columns are {string_columns}")
-    text = "\n".join(row for row in ds[column] if row)
-    if not text:
+    empty = True
+    for row in itertools.chain([first], rows):
+        text = row.get(column)
+        if text:
+            yield text if empty else "\n" + text
+            empty = False
+    if empty:
         raise CorpusError(f"column {column!r} of dataset {name!r} is empty")
-    return text
 
 
 # --- splitting and batching -------------------------------------------------------

@@ -51,7 +51,6 @@ def evaluate(
     seg_end = np.minimum(seg_start + seg, n)
     feed_start = np.maximum(seg_start - warmup, 0)
     steps = int((seg_end - feed_start).max())
-    all_tokens = torch.from_numpy(tokens.astype(np.int64))
 
     was_training = model.training
     model.eval()
@@ -63,9 +62,9 @@ def evaluate(
             pos = feed_start[:, None] + t[None, :]  # (columns, time) position being read
             scored = (pos >= seg_start[:, None]) & (pos < seg_end[:, None])
             pos = np.minimum(pos, n - 1)
-            pos_t = torch.from_numpy(pos)
-            x = all_tokens[pos_t].to(device)
-            y = all_tokens[pos_t + 1].to(device)
+            # Gathered chunk by chunk: a memory-mapped split is never copied whole.
+            x = torch.from_numpy(tokens[pos].astype(np.int64)).to(device)
+            y = torch.from_numpy(tokens[pos + 1].astype(np.int64)).to(device)
             with autocast(device, dtype):
                 logits, hidden = model(x, hidden)
             losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")

@@ -101,6 +101,15 @@ def merge_resume_config(
     """
     saved_train = saved.meta.get("train", {})
     saved_model = saved.meta["model"]
+    try:  # config.json carries no checksum of its own: check its training settings before using them
+        if not isinstance(saved_train, dict):
+            raise ConfigError(f"'train' is a {type(saved_train).__name__}, not an object")
+        TrainConfig(**{f.name: saved_train[f.name] for f in fields(TrainConfig) if f.name in saved_train})
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(
+            f"{saved.path / 'config.json'} holds invalid training settings ({exc}): the checkpoint is damaged; "
+            "resume from another one"
+        ) from None
     for name in sorted(explicit & _SHAPE_FIELDS):
         if getattr(model_config, name) != saved_model.get(name):
             raise ConfigError(
@@ -116,7 +125,13 @@ def merge_resume_config(
             print(f"warning: resuming with {name}={new!r}; the run was trained with {target.get(name)!r}", file=sys.stderr)
         target[name] = new
     train_values["resume"] = config.resume
+    if "out" not in explicit:  # the run goes on where its checkpoint is, even if it was moved since
+        train_values["out"] = str(saved.path.parent)
     return TrainConfig(**train_values), ModelConfig(**model_values)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _explicit_fields(config: TrainConfig, model_config: ModelConfig) -> set[str]:
@@ -208,6 +223,7 @@ class Trainer:
         self.run_dir = Path(config.out) if config.out else self._default_run_dir(saved)
         if saved:
             self._restore(saved)
+            self._fit_position_to_layout(saved)
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     def _default_run_dir(self, saved: Checkpoint | None) -> Path:
@@ -264,17 +280,52 @@ class Trainer:
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{saved.path} holds training state this run cannot use ({exc})") from None
 
+    def _fit_position_to_layout(self, saved: Checkpoint) -> None:
+        """A resumed run whose batches are laid out differently starts the next epoch afresh.
+
+        The saved stream position and hidden state belong to the saved layout: with another
+        --batch-size or --seq-len (or a shorter corpus) they point at other text, or past its end.
+        """
+        saved_train = saved.meta.get("train", {})
+        changed = [_flag(n) for n in ("batch_size", "seq_len") if saved_train.get(n) != getattr(self.config, n)]
+        pos = self.position
+        if (changed and pos.index > 0) or pos.index >= self.streams.batches_in_epoch(pos.epoch):
+            self.position, self.hidden = StreamPosition(pos.epoch + 1, 0), None
+            why = f"{' and '.join(changed)} changed" if changed else "the corpus is shorter than it was"
+            print(
+                f"note: {why}, so the saved place in the batch streams no longer applies; training goes on "
+                f"from the start of epoch {self.position.epoch}",
+                file=sys.stderr,
+            )
+        elif changed:
+            self.hidden = None
+
     # -- evaluation, saving, logging --------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise TrainingError(
+                f"could not write {self.metrics_path}: {exc.strerror or exc}; free some disk space, then resume "
+                f"from {self.run_dir / 'last'}"
+            ) from None
 
     def _trim_metrics(self) -> None:
-        """On resume, drop metrics the interrupted run logged after its checkpoint."""
+        """On resume, drop metrics the interrupted run logged after its checkpoint.
+
+        A process killed mid-write can leave a cut-off last line; it is dropped too.
+        """
         if not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= self.step:
+                kept.append(line)
         self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def _meta(self) -> dict[str, Any]:
@@ -344,13 +395,14 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.config.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-            if not torch.isfinite(norm):
-                raise TrainingError(
-                    f"the gradient became non-finite at step {self.step + 1}: training stopped before it touched "
-                    f"the weights. Lower --lr, then resume from {self.run_dir / 'last'}"
-                )
+        # Without clipping (--grad-clip 0) the norm is still measured, so that a non-finite
+        # gradient stops the run here rather than turning the weights into NaN.
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
+        if not torch.isfinite(norm):
+            raise TrainingError(
+                f"the gradient became non-finite at step {self.step + 1}: training stopped before it touched "
+                f"the weights. Lower --lr, then resume from {self.run_dir / 'last'}"
+            )
         self.optimizer.step()
         self.hidden = detach_hidden(hidden)
         self.step += 1
@@ -359,7 +411,12 @@ class Trainer:
 
     def run(self) -> TrainResult:
         c = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the run directory {self.run_dir}: {exc.strerror or exc}; choose another --out"
+            ) from None
         self._trim_metrics()
         chars_per_step = c.batch_size * c.seq_len
         print(

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +161,48 @@ def subprocess_env(tmp_path_factory) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+# --- running train.py / sample.py as real processes ----------------------------------------
+
+TRAIN_SCRIPT = str(REPO / "train.py")
+SAMPLE_SCRIPT = str(REPO / "sample.py")
+# Tiny model and budget flags for train.py subprocesses: cpu, float32, step budget only.
+TINY_TRAIN_FLAGS = (
+    "--hidden-size", "32", "--embedding-size", "8", "--batch-size", "4", "--seq-len", "16",
+    "--max-time", "0", "--device", "cpu", "--dtype", "float32", "--sample-chars", "0", "--patience", "0",
+    "--seed", "1234",
+)
+
+
+def run_python(args, env, cwd, timeout=120, stdin=None):
+    """Run ``python *args`` to completion (killed after ``timeout`` s, which fails the test)."""
+    return subprocess.run(
+        [PYTHON, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8",
+        errors="replace", timeout=timeout, stdin=subprocess.DEVNULL if stdin is None else stdin,
+    )
+
+
+def wait_for(condition, proc=None, timeout=60.0, what="a condition"):
+    """Poll ``condition()`` until true; fail if ``proc`` exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process exited ({proc.returncode}) before {what}:\n{err[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def metrics_lines(run_dir) -> int:
+    path = Path(run_dir) / "metrics.jsonl"
+    return path.read_text(encoding="utf-8").count("\n") if path.exists() else 0
+
+
+@pytest.fixture(scope="session")
+def small_corpus_file(tmp_path_factory) -> Path:
+    """About 900 characters: with batch 4 x seq 16, an epoch is 12 steps (a handful)."""
+    path = tmp_path_factory.mktemp("small_corpus") / "small.txt"
+    path.write_text(make_text(seed=1, n_chars=900), encoding="utf-8")
+    return path

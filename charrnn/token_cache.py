@@ -1,0 +1,129 @@
+"""Token files: a corpus is encoded once, and every later run memory-maps the result.
+
+The first run over a corpus makes two streaming passes, a few MB at a time: one counts
+the characters (the vocabulary), one encodes them into a flat file of token ids. Both
+are kept in a hidden cache folder beside the corpus (``.NAME.charrnn``; under
+``data/cache`` where that is not writable, and for ``hf:`` datasets), with a key made
+of the corpus files' sizes and modification times and the vocabulary. A later run
+whose key matches maps the file and starts training at once; a changed corpus, a
+different ``--max-vocab`` or a resumed run's own vocabulary makes a new file.
+Memory stays a few chunks, whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .data import corpus_files, data_dir, iter_corpus
+from .errors import CorpusError
+from .tokenizer import CharTokenizer
+
+CACHE_VERSION = 1
+TOKENS_FILE = "tokens.bin"
+VOCAB_FILE = "tokenizer.json"
+META_FILE = "meta.json"
+_BAR_MIN_BYTES = 32 << 20  # smaller corpora encode in a blink: no progress bar
+
+
+def _source_key(spec: str, hf_split: str, hf_column: str | None) -> tuple[dict, int]:
+    """What identifies the corpus's content, and its size in bytes (0 when unknown)."""
+    if spec.startswith("hf:"):
+        return {"hf": spec[3:], "split": hf_split, "column": hf_column}, 0
+    files = corpus_files(spec)
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return {"files": stats}, sum(size for _, size, _ in stats)
+
+
+def cache_folder(spec: str, hf_split: str = "train", hf_column: str | None = None) -> Path:
+    """Where the token file of a corpus lives."""
+    if not spec.startswith("hf:"):
+        path = Path(spec).expanduser()
+        corpus = corpus_files(spec)[0] if not path.is_dir() else path
+        # Beside the corpus, unless its folder is read-only (checked on the mode bits
+        # too, since root may write where nobody is meant to).
+        if os.access(corpus.parent, os.W_OK) and corpus.parent.stat().st_mode & 0o222:
+            return corpus.parent / f".{corpus.name}.charrnn"
+    name = hashlib.sha256(f"{spec}\0{hf_split}\0{hf_column}".encode()).hexdigest()[:16]
+    return data_dir() / "cache" / name
+
+
+def count_characters(spec: str, hf_split: str = "train", hf_column: str | None = None) -> Counter:
+    """How often each character occurs in the corpus, in one streaming pass."""
+    counts = np.zeros(0x110000, dtype=np.int64)
+    for chunk in iter_corpus(spec, hf_split, hf_column):
+        codes = np.frombuffer(chunk.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+        counts += np.bincount(codes, minlength=0x110000)
+    present = np.flatnonzero(counts)
+    return Counter({chr(int(c)): int(counts[c]) for c in present})
+
+
+def corpus_tokens(
+    spec: str,
+    hf_split: str = "train",
+    hf_column: str | None = None,
+    tokenizer: CharTokenizer | None = None,
+    max_vocab: int = 0,
+) -> tuple[np.ndarray, CharTokenizer]:
+    """The corpus as a read-only memory-mapped token array, and its vocabulary.
+
+    With ``tokenizer`` (a resumed run), the corpus is encoded with that vocabulary;
+    otherwise the vocabulary is the corpus's own, cut to ``max_vocab`` characters if set.
+    """
+    source, total_bytes = _source_key(spec, hf_split, hf_column)
+    vocab = hashlib.sha256(tokenizer.to_hf().to_str().encode()).hexdigest() if tokenizer else max_vocab
+    key = json.dumps({"version": CACHE_VERSION, "source": source, "vocab": vocab}, sort_keys=True)
+    folder = cache_folder(spec, hf_split, hf_column)
+    cached = _open_cache(folder, key)
+    if cached is not None:
+        return cached
+
+    if tokenizer is None:
+        tokenizer = CharTokenizer.from_counts(count_characters(spec, hf_split, hf_column), max_vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / META_FILE).unlink(missing_ok=True)  # the old cache is invalid from here on
+    tmp = folder / f"{TOKENS_FILE}.tmp-{os.getpid()}"
+    n = 0
+    bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc="encoding corpus", leave=False,
+               disable=None if total_bytes >= _BAR_MIN_BYTES or not total_bytes else True)
+    try:
+        with open(tmp, "wb") as out:
+            for chunk in iter_corpus(spec, hf_split, hf_column):
+                ids = tokenizer.encode(chunk)
+                out.write(ids.tobytes())
+                n += len(ids)
+                if not bar.disable:
+                    bar.update(len(chunk.encode("utf-8")))
+        os.replace(tmp, folder / TOKENS_FILE)
+        tokenizer.save(folder / VOCAB_FILE)
+        meta = {"key": key, "n_tokens": n, "dtype": np.dtype(tokenizer.token_dtype).name}
+        meta_tmp = folder / f"{META_FILE}.tmp-{os.getpid()}"
+        meta_tmp.write_text(json.dumps(meta), encoding="utf-8")
+        os.replace(meta_tmp, folder / META_FILE)  # written last: its presence means the cache is whole
+    except OSError as exc:
+        raise CorpusError(f"could not write the token cache in {folder}: {exc.strerror or exc}") from None
+    finally:
+        bar.close()
+        tmp.unlink(missing_ok=True)
+    if bar.disable is False:
+        print(f"encoded {n:,} characters into {folder / TOKENS_FILE}", file=sys.stderr)
+    return _open_cache(folder, key)
+
+
+def _open_cache(folder: Path, key: str) -> tuple[np.ndarray, CharTokenizer] | None:
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        if meta.get("key") != key:
+            return None
+        tokenizer = CharTokenizer.load(folder / VOCAB_FILE)
+        tokens = np.memmap(folder / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["n_tokens"],))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing or damaged: encode again
+    return tokens, tokenizer

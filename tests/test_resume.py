@@ -1,0 +1,130 @@
+"""Exact resume: N steps in one process equal k steps, then `--resume` to N in a new process.
+
+Bit for bit on CPU: weights, optimizer moments, RNG and hidden state, learning rate,
+step and stream position, the batches read and the train losses logged. The runs are
+real `train.py` processes; a small wrapper only records which batches each one reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from charrnn.checkpoint import load_checkpoint
+from charrnn.data import BatchStreams, split_tokens
+from charrnn.tokenizer import CharTokenizer
+
+from conftest import REPO, TINY_TRAIN_FLAGS, run_python
+
+N = 30  # total steps; the small corpus has 12 batches per epoch (checked below)
+K_MID_EPOCH = 17  # epoch 1, batch 5
+K_EPOCH_BOUNDARY = 12  # the last batch of epoch 0: the resumed run starts epoch 1
+
+# train.py, with every batch the trainer reads appended (position and a digest) to a log file.
+TRAIN_LOGGING_BATCHES = f"""
+import hashlib, json, os, sys
+sys.path.insert(0, {str(REPO)!r})
+import charrnn.data
+real_get = charrnn.data.BatchStreams.get
+def get(self, pos):
+    x, y = real_get(self, pos)
+    digest = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()
+    with open(os.environ["BATCH_LOG"], "a") as f:
+        f.write(json.dumps([pos.epoch, pos.index, digest]) + "\\n")
+    return x, y
+charrnn.data.BatchStreams.get = get
+from charrnn.cli import train_main
+raise SystemExit(train_main(sys.argv[1:]))
+"""
+
+
+def _flags(corpus, out):
+    return [
+        "--data", corpus, "--out", out, *TINY_TRAIN_FLAGS,
+        "--dropout", "0.2", "--n-layers", "2", "--eval-interval", "10",
+        "--lr", "1e-2", "--min-lr", "1e-3", "--warmup-iters", "5", "--lr-decay-iters", str(N),
+    ]
+
+
+def _train(tmp_path, env, batch_log, *args):
+    proc = run_python(["-c", TRAIN_LOGGING_BATCHES, *args], {**env, "BATCH_LOG": str(batch_log)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def _last(run_dir):
+    last = run_dir / "last"
+    load_checkpoint(last, with_training_state=True)  # loadable as a whole, checksums included
+    return (
+        load_file(last / "model.safetensors"),
+        load_file(last / "training_state.safetensors"),
+        json.loads((last / "training_state.json").read_text(encoding="utf-8")),
+    )
+
+
+def _train_losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [(r["step"], r["loss"], r["lr"]) for r in records if "loss" in r]
+
+
+def _batches(log):
+    return [tuple(json.loads(line)) for line in log.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, small_corpus_file, subprocess_env):
+    """Run A: N steps in one process."""
+    work = tmp_path_factory.mktemp("resume_straight")
+    log = work / "batches.jsonl"
+    _train(work, subprocess_env, log, *_flags(small_corpus_file, work / "run"), "--max-iters", N)
+    return work / "run", log
+
+
+def test_the_small_corpus_gives_the_epochs_this_file_assumes(small_corpus_file):
+    text = small_corpus_file.read_text(encoding="utf-8")
+    train_tokens, _ = split_tokens(CharTokenizer.from_text(text).encode(text))
+    streams = BatchStreams(train_tokens, batch_size=4, seq_len=16, seed=1234)
+    assert streams.batches_in_epoch(0) == K_EPOCH_BOUNDARY
+    assert streams.batches_in_epoch(1) == 12 and N > 2 * 12  # N crosses two epoch boundaries
+
+
+@pytest.mark.parametrize("k", [K_MID_EPOCH, K_EPOCH_BOUNDARY], ids=["mid-epoch", "epoch-boundary"])
+def test_stopped_and_resumed_run_equals_straight_run_bit_for_bit(k, straight_run, small_corpus_file, subprocess_env, tmp_path):
+    run_a, log_a = straight_run
+    run_b, log_b = tmp_path / "run", tmp_path / "batches.jsonl"
+    _train(tmp_path, subprocess_env, log_b, *_flags(small_corpus_file, run_b), "--max-iters", k)
+    stopped = json.loads((run_b / "last" / "training_state.json").read_text(encoding="utf-8"))
+    assert stopped["step"] == k
+    if k == K_EPOCH_BOUNDARY:
+        assert (stopped["epoch"], stopped["index"]) == (1, 0)
+    else:
+        assert stopped["index"] > 0  # really mid-epoch
+
+    resumed = _train(tmp_path, subprocess_env, log_b, "--resume", run_b / "last", "--max-iters", N)
+    assert "warning: resuming with max_iters=30" in resumed.stderr  # the changed budget is reported
+
+    weights_a, tensors_a, state_a = _last(run_a)
+    weights_b, tensors_b, state_b = _last(run_b)
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), f"weights differ at {name}"
+    # Optimizer moments and step counts, CPU RNG state, the hidden state of the streams.
+    assert tensors_a.keys() == tensors_b.keys()
+    assert any(k.startswith("optim.") for k in tensors_a) and "rng.cpu" in tensors_a and "hidden.0" in tensors_a
+    for name in tensors_a:
+        assert torch.equal(tensors_a[name], tensors_b[name]), f"training state differs at {name}"
+    for key in ("step", "epoch", "index", "param_groups", "hidden_parts"):
+        assert state_a[key] == state_b[key], key
+    assert state_a["step"] == N
+    # The cosine schedule ran to its last step, 29 of 30 (lr 1e-2 -> 1e-3).
+    assert state_a["param_groups"][0]["lr"] == pytest.approx(1e-3 + 0.5 * 9e-3 * (1 + math.cos(math.pi * 29 / 30)))
+
+    assert _batches(log_b) == _batches(log_a)  # the same batches, in the same order, each read once
+    losses_a = _train_losses(run_a)
+    assert [step for step, _, _ in losses_a] == list(range(1, N + 1))
+    assert _train_losses(run_b) == losses_a  # losses and learning rates, exactly
