@@ -17,7 +17,7 @@ from .errors import (  # noqa: E402
     TrainingError,
 )
 from .model import CharRNN  # noqa: E402
-from .sampling import ChatSession, Sampler, load  # noqa: E402
+from .sampling import Sampler, load  # noqa: E402
 from .tokenizer import CharTokenizer  # noqa: E402
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "CharRNNError",
     "CharTokenizer",
     "ChatSession",
+    "ChatTemplate",
     "CheckpointError",
     "ConfigError",
     "CorpusError",
@@ -32,7 +33,20 @@ __all__ = [
     "PromptError",
     "SampleConfig",
     "Sampler",
+    "SessionFileError",
     "TrainConfig",
     "TrainingError",
     "load",
 ]
+
+# The chat names load on first use: `python -m charrnn.chat` must not find charrnn.chat
+# imported already (runpy warns, and the module would run twice).
+_CHAT_NAMES = ("ChatSession", "ChatTemplate", "SessionFileError")
+
+
+def __getattr__(name: str):
+    if name in _CHAT_NAMES:
+        from . import chat
+
+        return getattr(chat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Sampling: logits processors, generate, stream, predict_next, score, ChatSession.
+"""Sampling: logits processors, generate, stream, predict_next, score (chat: ``charrnn.chat``).
 
 Everything here carries the hidden state forward one character at a time over the
 pre-packed :class:`~charrnn.stepper.Stepper`; nothing re-reads a prefix. Each call
@@ -12,9 +12,8 @@ import os
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +26,9 @@ from .evaluation import evaluate
 from .model import CharRNN, Hidden
 from .stepper import Stepper
 from .tokenizer import CharTokenizer
+
+if TYPE_CHECKING:
+    from .chat import ChatSession
 
 MAX_PROMPT_CHARS = 100_000
 _PRIME_CHUNK = 2048
@@ -289,50 +291,13 @@ class Sampler:
         return evaluate(self.model, ids, self.device, columns=1)
 
     def chat(self, seed: int | None = None, **options: Any) -> "ChatSession":
-        """A new :class:`ChatSession` over this model."""
+        """A new :class:`~charrnn.chat.ChatSession` over this model.
+
+        ``options`` are its sampling options and, optionally, ``template`` and ``preamble``.
+        """
+        from .chat import ChatSession  # chat builds on this module: imported here, not at the top
+
         return ChatSession(self, seed=seed, **options)
-
-
-class ChatSession:
-    """A conversation whose whole memory is one hidden state.
-
-    ``send(text)`` reads ``text`` on from where the conversation stands and returns the
-    model's reply, which also becomes part of the conversation. Each turn costs only its
-    own characters: the history is never re-read. A session made with a seed repeats
-    its conversation exactly.
-    """
-
-    def __init__(self, sampler: Sampler, seed: int | None = None, **options: Any):
-        self.sampler = sampler
-        self.config = sampler._config(**options)
-        self._seed = seed
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the conversation (and restart the random stream from the seed)."""
-        self._generator = new_generator(self._seed)
-        self._logits: torch.Tensor | None = None
-        self._hidden: Hidden | None = None
-
-    def feed(self, text: str) -> None:
-        """Read ``text`` into the conversation without replying."""
-        if text:
-            self._logits, self._hidden = self.sampler.feed(self.sampler.encode_prompt(text), self._hidden)
-
-    def stream(self, text: str = "", **options: Any) -> Iterator[str]:
-        """Read ``text``, then yield the reply piece by piece."""
-        config = self.sampler._config(**{**asdict(self.config), **options})
-        self.feed(text)
-        if self._logits is None:  # nothing read yet: start as a prompt-less sample would
-            self._logits, self._hidden = self.sampler.feed(self.sampler.encode_prompt(""))
-        end: dict[str, Any] = {}
-        for _, piece in self.sampler._run(self._logits, self._hidden, config, self._generator, end):
-            yield piece
-        self._logits, self._hidden = end["logits"], end["hidden"]
-
-    def send(self, text: str = "", **options: Any) -> str:
-        """Read ``text`` and return the model's reply."""
-        return "".join(self.stream(text, **options))
 
 
 def load(
@@ -344,3 +309,12 @@ def load(
     resolved = resolve_device(device)
     ckpt = load_checkpoint(path if path is not None else find_latest_checkpoint(), resolved)
     return Sampler(ckpt.model, ckpt.tokenizer, resolved, dtype)
+
+
+def __getattr__(name: str) -> Any:
+    # ChatSession used to live here; it moved to charrnn.chat, which imports this module.
+    if name == "ChatSession":
+        from .chat import ChatSession
+
+        return ChatSession
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
