@@ -101,10 +101,11 @@ class TrainConfig:
     )
     hf_split: str = field(default="train", metadata=_help("split of an hf: dataset"))
     hf_column: str | None = field(default=None, metadata=_help("text column of an hf: dataset (default: 'text' or the only string column)"))
+    max_vocab: int = field(default=0, metadata=_help("keep the N most frequent characters; rarer ones read as <unk> (0: keep all)"))
     out: str | None = field(default=None, metadata=_help("run directory (default: checkpoints/<data>-<time>)"))
     resume: str | None = field(default=None, metadata=_help("continue training from this checkpoint (a run's 'last' directory)"))
     seq_len: int = field(default=128, metadata=_help("characters per truncated-BPTT chunk"))
-    batch_size: int = field(default=64, metadata=_help("parallel streams per step"))
+    batch_size: int = field(default=64, metadata=_help("parallel streams per step, per process (under torchrun the global batch is this x the number of processes)"))
     lr: float = field(default=3e-3, metadata=_help("peak learning rate (AdamW)"))
     min_lr: float = field(default=3e-4, metadata=_help("learning rate at the end of the cosine decay"))
     warmup_iters: int = field(default=100, metadata=_help("steps of linear warm-up"))
@@ -122,11 +123,13 @@ class TrainConfig:
         default="auto",
         metadata=_help("training precision: auto uses bfloat16 autocast where the hardware has it", choices=DTYPES),
     )
+    plot: bool = field(default=True, metadata=_help("draw the loss curves to RUN/training.png at the end (needs matplotlib)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar", cli=False))
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check(bool(self.data), "--data must name a corpus")
+        _check(self.max_vocab == 0 or self.max_vocab >= 2, f"--max-vocab must be 0 (all) or at least 2, got {self.max_vocab}")
         _check(self.seq_len >= 1, f"--seq-len must be at least 1, got {self.seq_len}")
         _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         _check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}")

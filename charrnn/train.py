@@ -24,20 +24,22 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
-from .data import BatchStreams, StreamPosition, corpus_name, load_corpus, split_tokens
+from .data import BatchStreams, StreamPosition, corpus_name, split_tokens
 from .device import autocast, resolve_device, resolve_dtype
+from .distributed import Distributed
 from .errors import CheckpointError, ConfigError, CorpusError, TrainingError
 from .evaluation import LN2, evaluate
 from .model import CharRNN, Hidden, count_parameters, detach_hidden
 from .sampling import Sampler
-from .tokenizer import CharTokenizer
+from .token_cache import corpus_tokens
 
 # Settings that may change when a run resumes (with a warning for the ones that matter).
-_QUIET_ON_RESUME = {"resume", "out", "device", "progress"}
+_QUIET_ON_RESUME = {"resume", "out", "device", "progress", "plot"}
 _SHAPE_FIELDS = {"cell", "n_layers", "hidden_size", "embedding_size"}
 
 
@@ -130,10 +132,6 @@ def merge_resume_config(
     return TrainConfig(**train_values), ModelConfig(**model_values)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _explicit_fields(config: TrainConfig, model_config: ModelConfig) -> set[str]:
     """Fields that differ from their defaults: what a library caller evidently chose."""
     return {f.name for f in fields(TrainConfig) if getattr(config, f.name) != f.default} | {
@@ -194,25 +192,45 @@ class Trainer:
                 explicit = _explicit_fields(config, model_config)
             config, model_config = merge_resume_config(config, model_config, saved, explicit)
         self.config = config
-        self.device = resolve_device(config.device)
+        self.dist = Distributed.from_env()
+        self.device = self.dist.start(resolve_device(config.device))
         self.dtype = resolve_dtype(config.dtype, self.device)
 
-        text = load_corpus(config.data, config.hf_split, config.hf_column)
-        self.tokenizer = saved.tokenizer if saved else CharTokenizer.from_text(text)
-        tokens = self.tokenizer.encode(text)
-        del text
+        # Rank 0 encodes the corpus into its token cache; the others then map the same file.
+        for turn in (True, False):
+            if self.dist.is_main == turn:
+                tokens, self.tokenizer = corpus_tokens(
+                    config.data, config.hf_split, config.hf_column,
+                    tokenizer=saved.tokenizer if saved else None, max_vocab=config.max_vocab,
+                )
+            self.dist.barrier()
         self.train_tokens, self.val_tokens = split_tokens(tokens)
         if len(self.val_tokens) < 2:
             raise CorpusError(f"corpus {config.data!r} is too short for a validation split: it needs at least 20 characters")
         try:
-            self.streams = BatchStreams(self.train_tokens, config.batch_size, config.seq_len, config.seed)
+            # Under DDP the layout has batch_size x world rows and each process reads its own block,
+            # so N processes x batch B see exactly the batches of one process x batch N*B.
+            bs, rank = config.batch_size, self.dist.rank
+            self.streams = BatchStreams(
+                self.train_tokens, bs * self.dist.world_size, config.seq_len, config.seed,
+                rows=slice(rank * bs, (rank + 1) * bs),
+            )
         except CorpusError as exc:
             raise CorpusError(f"corpus {config.data!r}: {exc}") from None
 
         torch.manual_seed(config.seed)
         self.model_config = ModelConfig(**{**model_config.to_dict(), "vocab_size": self.tokenizer.vocab_size})
         self.model = CharRNN(self.model_config).to(self.device)
+        if self.dist.rank:
+            torch.manual_seed(config.seed + self.dist.rank)  # each process its own dropout masks
+        # The model that trains: DDP averages the gradients over the processes.
+        self.train_model = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.dist.enabled
+            else self.model
+        )
         self.optimizer = make_optimizer(self.model, config)
+        self.saved_step = -1
 
         self.step = 0
         self.position = StreamPosition()
@@ -234,16 +252,21 @@ class Trainer:
 
     # -- state for exact resume ---------------------------------------------------------------
     def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything an exact resume needs. Under DDP every process must call it (it gathers)."""
         opt = self.optimizer.state_dict()
-        tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
+        tensors: dict[str, torch.Tensor] = {}
+        # Each process's dropout RNG; the collective runs on the device (nccl wants CUDA tensors).
+        for rank, rng in enumerate(self.dist.gather(torch.get_rng_state().to(self.device))):
+            tensors["rng.cpu" if rank == 0 else f"rng.cpu.{rank}"] = rng.cpu()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         for index, values in opt["state"].items():
             for key, value in values.items():
                 tensors[f"optim.{index}.{key}"] = value
         if self.hidden is not None:
+            # The whole layout's state, rows in rank order: any process count can pick up its rows.
             for i, h in enumerate(self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)):
-                tensors[f"hidden.{i}"] = h
+                tensors[f"hidden.{i}"] = self.dist.gather_rows(h)
         state = {
             "step": self.step,
             "epoch": self.position.epoch,
@@ -253,6 +276,7 @@ class Trainer:
             "evals_without_improvement": self.evals_without_improvement,
             "param_groups": opt["param_groups"],
             "hidden_parts": 0 if self.hidden is None else (2 if isinstance(self.hidden, tuple) else 1),
+            "world_size": self.dist.world_size,
         }
         return tensors, state
 
@@ -266,10 +290,16 @@ class Trainer:
                     _, index, name = key.split(".", 2)
                     optim_state.setdefault(int(index), {})[name] = value
             self.optimizer.load_state_dict({"state": optim_state, "param_groups": state["param_groups"]})
-            torch.set_rng_state(tensors["rng.cpu"])
+            rank = self.dist.rank
+            rng = tensors.get("rng.cpu" if rank == 0 else f"rng.cpu.{rank}")
+            if rng is not None:  # a process the saved run did not have keeps its fresh seed
+                torch.set_rng_state(rng)
             if "rng.cuda" in tensors and self.device.type == "cuda":
                 torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
             parts = [tensors[f"hidden.{i}"].to(self.device) for i in range(state["hidden_parts"])]
+            rows = self.streams.rows
+            if parts and parts[0].size(1) == self.streams.batch_size:  # same global layout
+                parts = [p[:, rows] for p in parts]
             self.hidden = None if not parts else (tuple(parts) if len(parts) == 2 else parts[0])
             self.step = int(state["step"])
             self.position = StreamPosition(int(state["epoch"]), int(state["index"]))
@@ -287,7 +317,13 @@ class Trainer:
         --batch-size or --seq-len (or a shorter corpus) they point at other text, or past its end.
         """
         saved_train = saved.meta.get("train", {})
-        changed = [_flag(n) for n in ("batch_size", "seq_len") if saved_train.get(n) != getattr(self.config, n)]
+        # The layout depends on the global batch: 2 processes x 4 rows resume as 1 x 8 exactly.
+        saved_global = saved_train.get("batch_size", 0) * saved.state.get("world_size", 1)
+        changed = []
+        if saved_global != self.streams.batch_size:
+            changed.append("--batch-size" if self.dist.world_size == saved.state.get("world_size", 1) else "the global batch (--batch-size x processes)")
+        if saved_train.get("seq_len") != self.config.seq_len:
+            changed.append("--seq-len")
         pos = self.position
         if (changed and pos.index > 0) or pos.index >= self.streams.batches_in_epoch(pos.epoch):
             self.position, self.hidden = StreamPosition(pos.epoch + 1, 0), None
@@ -336,11 +372,16 @@ class Trainer:
             "dtype": str(self.dtype).replace("torch.", ""),
         }
 
-    def save(self, name: str, with_state: bool) -> Path:
-        tensors, state = self._state() if with_state else ({}, None)
-        return save_checkpoint(self.run_dir / name, self.model, self.tokenizer, self._meta(), tensors, state)
+    def checkpoint(self, bar: tqdm) -> None:
+        """Evaluate on the whole validation split and save ``last`` (and ``best`` if it improved).
 
-    def evaluate_and_save(self, bar: tqdm) -> float:
+        Under DDP every process calls this (the state is gathered from all of them), and
+        rank 0 alone evaluates, logs and writes.
+        """
+        tensors, state = self._state()
+        self.saved_step = self.step
+        if not self.dist.is_main:
+            return
         val = evaluate(self.model, self.val_tokens, self.device, self.dtype)
         improved = val < self.best_val
         if improved:
@@ -348,10 +389,12 @@ class Trainer:
             self.evals_without_improvement = 0
         else:
             self.evals_without_improvement += 1
+        state["best_val_loss"] = self.best_val if math.isfinite(self.best_val) else None
+        state["evals_without_improvement"] = self.evals_without_improvement
         self._log({"step": self.step, "val_loss": val, "val_bpc": val / LN2, "elapsed": round(self.elapsed, 3)})
         if improved:
-            self.save("best", with_state=False)
-        self.save("last", with_state=True)
+            save_checkpoint(self.run_dir / "best", self.model, self.tokenizer, self._meta())
+        save_checkpoint(self.run_dir / "last", self.model, self.tokenizer, self._meta(), tensors, state)
         bar.write(
             f"step {self.step:>6} | val {val:.4f} nats/char ({val / LN2:.3f} bpc)"
             f"{' (best)' if improved else ''} | {self.elapsed:.0f} s"
@@ -361,7 +404,6 @@ class Trainer:
             text = sampler.generate("\n", length=self.config.sample_chars, temperature=0.8, seed=self.config.seed)
             self.model.train()
             bar.write("    " + text.replace("\n", "\n    "))
-        return val
 
     # -- the loop -------------------------------------------------------------------------------------
     def _budget_done(self) -> str | None:
@@ -384,9 +426,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with autocast(self.device, self.dtype):
-            logits, hidden = self.model(x, self.hidden)
+            logits, hidden = self.train_model(x, self.hidden)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss_value = loss.item()
+        # The mean over all processes: what one process with the global batch would log,
+        # and the same verdict on a non-finite loss everywhere.
+        loss_value = self.dist.sum([loss.item()], self.device)[0] / self.dist.world_size
         if not math.isfinite(loss_value):
             raise TrainingError(
                 f"the loss became {loss_value} at step {self.step + 1}: training stopped before the bad step "
@@ -409,27 +453,47 @@ class Trainer:
         self.position = self.streams.next(self.position)
         return loss_value
 
+    def _should_stop(self, stop_signal: StopSignal) -> str | None:
+        """Why the run ends before the next step, if it does; every process gets the same answer."""
+        reason = self._budget_done() if self.dist.is_main else None
+        signalled = stop_signal.signum is not None
+        if self.dist.enabled:
+            # Rank 0's clock and verdicts rule, so every process takes the same steps at the same rates.
+            ended, signals, elapsed = self.dist.sum(
+                [float(reason is not None), float(signalled), self.elapsed if self.dist.is_main else 0.0], self.device
+            )
+            self.elapsed, signalled = elapsed, signals > 0
+            reason = reason or ("ended by rank 0" if ended else None)
+        if reason is None and signalled:
+            name = signal.Signals(stop_signal.signum).name if stop_signal.signum else "a signal to another process"
+            reason = f"stopped by {name}"
+        return reason
+
     def run(self) -> TrainResult:
+        """Train until a budget, a signal or early stopping ends the run; save and report."""
         c = self.config
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot create the run directory {self.run_dir}: {exc.strerror or exc}; choose another --out"
-            ) from None
-        self._trim_metrics()
-        chars_per_step = c.batch_size * c.seq_len
-        print(
-            f"charrnn: {self.model_config.cell} {self.model_config.n_layers}x{self.model_config.hidden_size}, "
-            f"{count_parameters(self.model):,} parameters, vocab {self.tokenizer.vocab_size}, "
-            f"{len(self.train_tokens):,} train / {len(self.val_tokens):,} val chars, "
-            f"{self.device.type} {str(self.dtype).replace('torch.', '')}; run dir {self.run_dir}",
-            file=sys.stderr,
-        )
+        main = self.dist.is_main
+        if main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot create the run directory {self.run_dir}: {exc.strerror or exc}; choose another --out"
+                ) from None
+            self._trim_metrics()
+            print(
+                f"charrnn: {self.model_config.cell} {self.model_config.n_layers}x{self.model_config.hidden_size}, "
+                f"{count_parameters(self.model):,} parameters, vocab {self.tokenizer.vocab_size}, "
+                f"{len(self.train_tokens):,} train / {len(self.val_tokens):,} val chars, "
+                f"{self.device.type} {str(self.dtype).replace('torch.', '')}"
+                f"{f', {self.dist.world_size} processes' if self.dist.enabled else ''}; run dir {self.run_dir}",
+                file=sys.stderr,
+            )
+        chars_per_step = self.streams.batch_size * c.seq_len
         self.model.train()
         stop_signal = StopSignal()
         reason = None
-        bar = tqdm(total=1000, disable=None if c.progress else True, dynamic_ncols=True, leave=False,
+        bar = tqdm(total=1000, disable=None if c.progress and main else True, dynamic_ncols=True, leave=False,
                    bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
         try:
             with stop_signal.installed():
@@ -439,39 +503,60 @@ class Trainer:
                     if last_tick is not None:
                         self.elapsed += tick - last_tick
                     last_tick = tick
-                    reason = self._budget_done()
-                    if reason or stop_signal.signum is not None:
+                    reason = self._should_stop(stop_signal)
+                    if reason:
                         break
                     loss = self.train_step()
-                    self._log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                               "elapsed": round(self.elapsed, 3)})
+                    if main:
+                        self._log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                                   "elapsed": round(self.elapsed, 3)})
                     window_chars += chars_per_step
                     if self.step % c.eval_interval == 0:
-                        self.evaluate_and_save(bar)
-                    if self.step % 10 == 0:
+                        self.checkpoint(bar)
+                    if self.step % 10 == 0 and main:
                         now = time.perf_counter()
                         speed = window_chars / (now - window_start)
                         window_chars, window_start = 0, now
                         bar.n = int(1000 * min(1.0, budget_progress(c, self.step, self.elapsed)))
                         bar.set_postfix_str(f" step {self.step} loss {loss:.3f} best val {self.best_val:.3f} {speed:,.0f} chars/s")
-                if stop_signal.signum is not None:
-                    reason = f"stopped by {signal.Signals(stop_signal.signum).name}"
                 # The last evaluation and save, still under the handler: a second Ctrl-C cannot cut them short.
-                if self.step % c.eval_interval != 0 or not (self.run_dir / "last").exists():
-                    self.evaluate_and_save(bar)
+                if self.saved_step != self.step:
+                    self.checkpoint(bar)
         finally:
             bar.close()
-        print(
-            f"charrnn: {reason} at step {self.step}; best val {self.best_val:.4f} nats/char "
-            f"({self.best_val / LN2:.3f} bpc)\n"
-            f"  checkpoints: {self.run_dir / 'best'} (best), {self.run_dir / 'last'} (last, resumable)\n"
-            f"  sample:  python sample.py --checkpoint {self.run_dir} --prompt \"ROMEO:\"\n"
-            f"  resume:  python train.py --resume {self.run_dir / 'last'} --max-time SECONDS",
-            file=sys.stderr,
-        )
+        if main:
+            plot = _plot(self.run_dir) if c.plot else None
+            print(
+                f"charrnn: {reason} at step {self.step}; best val {self.best_val:.4f} nats/char "
+                f"({self.best_val / LN2:.3f} bpc)\n"
+                f"  checkpoints: {self.run_dir / 'best'} (best), {self.run_dir / 'last'} (last, resumable)\n"
+                f"{f'  plot:    {plot}' + chr(10) if plot else ''}"
+                f"  sample:  python sample.py --checkpoint {self.run_dir} --prompt \"ROMEO:\"\n"
+                f"  resume:  python train.py --resume {self.run_dir / 'last'} --max-time SECONDS",
+                file=sys.stderr,
+            )
+        self.dist.barrier()  # nobody leaves while rank 0 still writes
         return TrainResult(self.run_dir, self.step, self.best_val, reason, stop_signal.signum)
 
 
+def _plot(run_dir: Path) -> Path | None:
+    """The run's loss curves as a PNG, when matplotlib is installed; never fails a finished run."""
+    try:
+        from .plot import plot_run
+
+        return plot_run(run_dir)
+    except Exception as exc:  # a picture is a bonus: report, do not fail the run
+        print(f"note: no training plot ({exc})", file=sys.stderr)
+        return None
+
+
 def train(config: TrainConfig, model_config: ModelConfig | None = None, explicit: set[str] | None = None) -> TrainResult:
-    """Train a CharRNN as ``config`` says and return where its checkpoints are."""
-    return Trainer(config, model_config, explicit).run()
+    """Train a CharRNN as ``config`` says and return where its checkpoints are.
+
+    Under ``torchrun`` every process calls this; they train together with DDP.
+    """
+    dist = Distributed.from_env()
+    try:
+        return Trainer(config, model_config, explicit).run()
+    finally:
+        dist.stop()

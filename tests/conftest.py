@@ -65,6 +65,7 @@ def tiny_train_config(data: str | Path, out: str | Path, **overrides) -> TrainCo
         warmup_iters=5,
         progress=False,
         sample_chars=0,
+        plot=False,
         device="cpu",
         dtype="float32",
         seed=1234,
@@ -170,7 +171,7 @@ SAMPLE_SCRIPT = str(REPO / "sample.py")
 # Tiny model and budget flags for train.py subprocesses: cpu, float32, step budget only.
 TINY_TRAIN_FLAGS = (
     "--hidden-size", "32", "--embedding-size", "8", "--batch-size", "4", "--seq-len", "16",
-    "--max-time", "0", "--device", "cpu", "--dtype", "float32", "--sample-chars", "0", "--patience", "0",
+    "--max-time", "0", "--device", "cpu", "--dtype", "float32", "--sample-chars", "0", "--patience", "0", "--no-plot",
     "--seed", "1234",
 )
 

@@ -39,6 +39,7 @@ def cli_run(tmp_path_factory, corpus_file, subprocess_env):
             "--device", "cpu",
             "--dtype", "float32",
             "--sample-chars", "0",
+            "--no-plot",
         ],
         subprocess_env,
         cwd=work,

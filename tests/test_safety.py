@@ -329,7 +329,7 @@ def test_a_signal_saves_a_resumable_checkpoint_says_where_and_exits_128_plus_sig
 
     # Resumable: a new run picks up at that step and goes on.
     resumed = Trainer(TrainConfig(data=str(small_corpus_file), resume=str(run / "last"), max_iters=ckpt.state["step"] + 2,
-                                  max_time=0, device="cpu", dtype="float32", sample_chars=0, progress=False))
+                                  max_time=0, device="cpu", dtype="float32", sample_chars=0, progress=False, plot=False))
     assert resumed.step == ckpt.state["step"]
     assert resumed.run().step == ckpt.state["step"] + 2
 

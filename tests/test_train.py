@@ -162,3 +162,12 @@ def test_single_stream_evaluate_is_the_mean_cross_entropy(sampler):
         expected = F.cross_entropy(logits[0], ids[1:]).item()
     assert evaluate(model, tokens, columns=1, chunk=64) == pytest.approx(expected, abs=1e-5)
     assert not model.training  # evaluate restores the mode it found (eval here)
+
+
+def test_a_finished_run_draws_its_loss_curves(tmp_path, corpus_file, capsys):
+    from charrnn.train import train
+
+    result = train(tiny_train_config(corpus_file, tmp_path / "run", plot=True), tiny_model_config())
+    png = result.run_dir / "training.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot:    {png}" in capsys.readouterr().err
