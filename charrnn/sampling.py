@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .chat import ChatSession
 
 MAX_PROMPT_CHARS = 100_000
+MAX_SAMPLES = 4096  # streams sampled side by side in one call
 _PRIME_CHUNK = 2048
 
 
@@ -264,14 +265,26 @@ class Sampler:
 
     def generate_many(self, prompt: str = "", num_samples: int = 2, **options: Any) -> list[str]:
         """``num_samples`` continuations of ``prompt``, sampled side by side as one batch."""
-        if num_samples < 1:
-            raise PromptError(f"num_samples must be at least 1, got {num_samples}")
+        if not 1 <= num_samples <= MAX_SAMPLES:
+            raise PromptError(f"num_samples must be from 1 to {MAX_SAMPLES:,}, got {num_samples}: ask for fewer at once")
         config = self._config(**options)
         logits, hidden = self.feed(self.encode_prompt(prompt))
         logits = logits.expand(num_samples, -1)
         hidden = tuple(h.expand(-1, num_samples, -1) for h in hidden) if isinstance(hidden, tuple) else hidden.expand(-1, num_samples, -1)
+        generator = new_generator(config.seed)
+        if not config.stop:
+            # Nothing to watch for: keep the ids as tensors and decode once at the end, instead
+            # of handing out num_samples Python strings per step.
+            stepper, columns = self.stepper(num_samples), []
+            with torch.no_grad():
+                for _ in range(config.length):
+                    tokens = pick_next(logits, config, generator)
+                    columns.append(tokens)
+                    logits, hidden = stepper.step(tokens, hidden)
+            rows = torch.stack(columns, 1).tolist() if columns else [[] for _ in range(num_samples)]
+            return [self.tokenizer.decode(row) for row in rows]
         texts = [""] * num_samples
-        for i, piece in self._run(logits, hidden, config, new_generator(config.seed)):
+        for i, piece in self._run(logits, hidden, config, generator):
             texts[i] += piece
         return texts
 

@@ -261,3 +261,17 @@ def test_seeded_chat_repeats_after_reset(sampler):
     assert [a.send(T1), a.send(T2)] == turns
     b = sampler.chat(seed=3, temperature=1.0, length=50)
     assert [b.send(T1), b.send(T2)] == turns
+
+
+def test_too_many_samples_at_once_is_a_clear_error(sampler):
+    with pytest.raises(PromptError, match=r"num_samples must be from 1 to 4,096, got 5000"):
+        sampler.generate_many("ab", 5000, length=5)
+    with pytest.raises(PromptError, match=r"num_samples must be from 1 to 4,096, got 0"):
+        sampler.generate_many("ab", 0, length=5)
+
+
+def test_generate_many_without_stop_strings_equals_the_watched_path(sampler):
+    """The batched fast path (no stop strings) samples exactly what the stop-watching loop does."""
+    plain = sampler.generate_many("ab", 3, length=40, seed=11)
+    watched = sampler.generate_many("ab", 3, length=40, seed=11, stop="\x00never")
+    assert plain == watched and len(set(plain)) > 1 and all(len(t) == 40 for t in plain)
