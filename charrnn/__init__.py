@@ -13,7 +13,9 @@ from .errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
     CorpusError,
+    MetricsError,
     PromptError,
+    SessionFileError,
     TrainingError,
 )
 from .model import CharRNN  # noqa: E402
@@ -29,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "CorpusError",
+    "MetricsError",
     "ModelConfig",
     "PromptError",
     "SampleConfig",
@@ -41,7 +44,7 @@ __all__ = [
 
 # The chat names load on first use: `python -m charrnn.chat` must not find charrnn.chat
 # imported already (runpy warns, and the module would run twice).
-_CHAT_NAMES = ("ChatSession", "ChatTemplate", "SessionFileError")
+_CHAT_NAMES = ("ChatSession", "ChatTemplate")
 
 
 def __getattr__(name: str):

@@ -37,7 +37,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from . import __version__
-from .errors import CharRNNError, ConfigError, PromptError
+from .errors import CharRNNError, ConfigError, PromptError, SessionFileError
 from .sampling import new_generator
 
 if TYPE_CHECKING:
@@ -50,10 +50,6 @@ _METADATA_KEY = "charrnn_chat"
 # A session file holds a few hidden-state tensors and a preamble (at most 100,000
 # characters): anything near this size is not one of ours, so it is refused unread.
 MAX_SESSION_FILE_BYTES = 64 * 1024 * 1024
-
-
-class SessionFileError(CharRNNError):
-    """A saved chat session is missing, damaged, or was saved from another model."""
 
 
 # --- the turn template ----------------------------------------------------------------------
@@ -454,14 +450,14 @@ def _shown(text: str) -> str:
 
 
 def chat_parser() -> argparse.ArgumentParser:
-    from .cli import _HelpFormatter
+    from .cli import HelpFormatter
 
     defaults = ChatTemplate()
     parser = argparse.ArgumentParser(
         prog="charrnn-chat",
         description="Chat with a trained charrnn model in the terminal; replies stream as they are written. "
         "Type /help in the chat for its commands.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="In the template options, \\n means a newline and \\t a tab.",
     )
     parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: newest best under checkpoints/)")
@@ -604,9 +600,9 @@ def _chat_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m charrnn.chat`` / ``charrnn-chat``: user mistakes exit 2, Ctrl-C 130."""
-    from .cli import _run
+    from .cli import run_cli
 
-    return _run(_chat_main, argv)
+    return run_cli(_chat_main, argv)
 
 
 if __name__ == "__main__":

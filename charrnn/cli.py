@@ -22,7 +22,7 @@ from .errors import CharRNNError
 EXIT_USER_ERROR = 2
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, except where there is none to show."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -73,7 +73,7 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _run(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
+def run_cli(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
     """Run a front end: user mistakes print one line and exit 2, Ctrl-C exits 130."""
     try:
         with warnings.catch_warnings():
@@ -94,7 +94,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Train a character-level RNN language model.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="Example: python train.py --data shakespeare   (then: python sample.py --prompt 'ROMEO:')",
     )
     _add_fields(parser, TrainConfig, "data and training")
@@ -113,7 +113,7 @@ def _train_main(argv: list[str]) -> int:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``train.py`` / ``charrnn-train``."""
-    return _run(_train_main, argv)
+    return run_cli(_train_main, argv)
 
 
 # --- charrnn-sample ------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def sample_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sample.py",
         description="Generate text from a trained charrnn checkpoint; it streams as it is written.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: newest best under checkpoints/)")
     parser.add_argument("--prompt", default="", help="text to start from (printed, then continued)")
@@ -170,4 +170,4 @@ def _sample_main(argv: list[str]) -> int:
 
 def sample_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sample.py`` / ``charrnn-sample``."""
-    return _run(_sample_main, argv)
+    return run_cli(_sample_main, argv)

@@ -27,3 +27,11 @@ class PromptError(CharRNNError, ValueError):
 
 class TrainingError(CharRNNError):
     """Training cannot go on (for example the loss stopped being finite)."""
+
+
+class SessionFileError(CharRNNError):
+    """A saved chat session is missing, damaged, or was saved from another model."""
+
+
+class MetricsError(CharRNNError):
+    """A run directory has no metrics to plot (missing, unreadable, or empty)."""

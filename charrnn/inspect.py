@@ -398,7 +398,7 @@ def _units(value: str) -> list[int]:
 
 
 def inspect_parser() -> argparse.ArgumentParser:
-    from .cli import _HelpFormatter
+    from .cli import HelpFormatter
 
     parser = argparse.ArgumentParser(
         prog="charrnn-inspect",
@@ -406,7 +406,7 @@ def inspect_parser() -> argparse.ArgumentParser:
             "Colour each character of a text by the state of chosen hidden units, as an HTML page "
             "(self-contained: inline CSS, no script). Blue is negative, red positive."
         ),
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=(
             "Example: charrnn-inspect --checkpoint checkpoints/RUN --text play.txt --pattern '(?m)^[A-Z][^\\n]*:$' "
             "--top 4 --out inspect.html"
@@ -488,9 +488,9 @@ def _inspect_main(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``charrnn-inspect`` / ``python -m charrnn.inspect``."""
-    from .cli import _run
+    from .cli import run_cli
 
-    return _run(_inspect_main, argv)
+    return run_cli(_inspect_main, argv)
 
 
 if __name__ == "__main__":

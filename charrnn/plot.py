@@ -24,15 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CharRNNError
+from .errors import CharRNNError, MetricsError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
 LN2 = math.log(2)
-
-
-class MetricsError(CharRNNError):
-    """A run directory has no metrics to plot (missing, unreadable, or empty)."""
 
 
 @dataclass
@@ -208,12 +204,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
 
 
 def plot_parser() -> argparse.ArgumentParser:
-    from .cli import _HelpFormatter
+    from .cli import HelpFormatter
 
     parser = argparse.ArgumentParser(
         prog="charrnn-plot",
         description=f"Draw a training run's loss against steps and against time, as a PNG, from its {METRICS_FILE}.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="Example: charrnn-plot checkpoints/RUN   (writes checkpoints/RUN/training.png)",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help=f"a training run's folder (the one holding {METRICS_FILE})")
@@ -232,9 +228,9 @@ def _plot_main(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``charrnn-plot`` / ``python -m charrnn.plot``."""
-    from .cli import _run
+    from .cli import run_cli
 
-    return _run(_plot_main, argv)
+    return run_cli(_plot_main, argv)
 
 
 if __name__ == "__main__":

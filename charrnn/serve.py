@@ -335,13 +335,13 @@ def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    from .cli import _HelpFormatter
+    from .cli import HelpFormatter
 
     parser = argparse.ArgumentParser(
         prog="charrnn-serve",
         description="Serve a trained charrnn model over HTTP: POST /complete (JSON, or server-sent events "
         "with \"stream\": true) and GET /health.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: newest best under checkpoints/)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind; anything but 127.0.0.1 opens the model to the network")
@@ -392,9 +392,9 @@ def _serve_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m charrnn.serve`` / ``charrnn-serve``."""
-    from .cli import _run
+    from .cli import run_cli
 
-    return _run(_serve_main, argv)
+    return run_cli(_serve_main, argv)
 
 
 if __name__ == "__main__":

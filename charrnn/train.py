@@ -497,16 +497,15 @@ class Trainer:
                    bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
         try:
             with stop_signal.installed():
-                last_tick, window_chars, window_start = None, 0, time.perf_counter()
+                window_chars, window_start = 0, time.perf_counter()
                 while reason is None:
-                    tick = time.perf_counter()
-                    if last_tick is not None:
-                        self.elapsed += tick - last_tick
-                    last_tick = tick
                     reason = self._should_stop(stop_signal)
                     if reason:
                         break
+                    # --max-time counts training steps only: evaluations and saves come on top.
+                    start = time.perf_counter()
                     loss = self.train_step()
+                    self.elapsed += time.perf_counter() - start
                     if main:
                         self._log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                                    "elapsed": round(self.elapsed, 3)})

@@ -233,7 +233,7 @@ def test_sample_main_reports_mistakes_in_one_line(tmp_path, capsys, trained_run)
         ([*base, "--top-k", "-1"], "top_k must be >= 0 (0 turns it off), got -1"),
         ([*base, "--top-p", "0"], "top_p must be in (0, 1]"),
         ([*base, "--temperature=-1e-9"], "temperature must be >= 0"),
-        ([*base, "--num-samples", "0"], "num_samples must be at least 1"),
+        ([*base, "--num-samples", "0"], "num_samples must be from 1 to 4,096, got 0"),
         ([*base, "--length", "-1"], "length must be >= 0"),
         ([*base, "--prompt", "\u0416\u0416"], "made only of characters the model never saw"),
         (["--checkpoint", str(tmp_path), "--device", "cpu"], "holds no config.json"),
