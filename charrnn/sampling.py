@@ -217,9 +217,11 @@ class Sampler:
         decode = self.tokenizer.decode
         try:
             for _ in range(config.length):
-                history.append((logits, hidden))
                 tokens = pick_next(logits, config, generator)
+                before = (logits, hidden)
                 logits, hidden = stepper.step(tokens, hidden)
+                # Recorded after the step, so an interrupt inside it leaves history matching what was pushed.
+                history.append(before)
                 ids = tokens.tolist()
                 for i in sorted(active):
                     piece = scanners[i].push(decode((ids[i],)))
