@@ -50,8 +50,12 @@ def iter_corpus(spec: str, hf_split: str = "train", hf_column: str | None = None
     if spec.startswith("hf:"):
         yield from iter_hf_dataset(spec[3:], hf_split, hf_column)
         return
-    files = corpus_files(spec)
-    if not Path(spec).expanduser().is_dir():
+    yield from read_files(corpus_files(spec), folder=Path(spec).expanduser().is_dir())
+
+
+def read_files(files: list[Path], folder: bool) -> Iterator[str]:
+    """The text of ``files`` (from :func:`corpus_files`) in chunks; a folder's files each end a line."""
+    if not folder:
         yield from _iter_file(files[0])
         return
     for path in files:

@@ -17,12 +17,13 @@ import json
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .data import corpus_files, data_dir, iter_corpus
+from .data import corpus_files, data_dir, iter_hf_dataset, read_files
 from .errors import CorpusError
 from .tokenizer import CharTokenizer
 
@@ -33,20 +34,21 @@ META_FILE = "meta.json"
 _BAR_MIN_BYTES = 32 << 20  # smaller corpora encode in a blink: no progress bar
 
 
-def _source_key(spec: str, hf_split: str, hf_column: str | None) -> tuple[dict, int]:
+def _source_key(spec: str, hf_split: str, hf_column: str | None, files: list[Path]) -> tuple[dict, int]:
     """What identifies the corpus's content, and its size in bytes (0 when unknown)."""
     if spec.startswith("hf:"):
         return {"hf": spec[3:], "split": hf_split, "column": hf_column}, 0
-    files = corpus_files(spec)
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return {"files": stats}, sum(size for _, size, _ in stats)
 
 
-def cache_folder(spec: str, hf_split: str = "train", hf_column: str | None = None) -> Path:
-    """Where the token file of a corpus lives."""
+def cache_folder(
+    spec: str, hf_split: str = "train", hf_column: str | None = None, files: list[Path] | None = None
+) -> Path:
+    """Where the token file of a corpus lives (``files``: its :func:`corpus_files`, if known)."""
     if not spec.startswith("hf:"):
         path = Path(spec).expanduser()
-        corpus = corpus_files(spec)[0] if not path.is_dir() else path
+        corpus = path if path.is_dir() else (files or corpus_files(spec))[0]
         # Beside the corpus, unless its folder is read-only (checked on the mode bits
         # too, since root may write where nobody is meant to).
         if os.access(corpus.parent, os.W_OK) and corpus.parent.stat().st_mode & 0o222:
@@ -55,10 +57,10 @@ def cache_folder(spec: str, hf_split: str = "train", hf_column: str | None = Non
     return data_dir() / "cache" / name
 
 
-def count_characters(spec: str, hf_split: str = "train", hf_column: str | None = None) -> Counter:
-    """How often each character occurs in the corpus, in one streaming pass."""
+def count_characters(chunks: Iterable[str]) -> Counter:
+    """How often each character occurs in a text given in chunks, in one pass."""
     counts = np.zeros(0x110000, dtype=np.int64)
-    for chunk in iter_corpus(spec, hf_split, hf_column):
+    for chunk in chunks:
         codes = np.frombuffer(chunk.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
         counts += np.bincount(codes, minlength=0x110000)
     present = np.flatnonzero(counts)
@@ -77,16 +79,25 @@ def corpus_tokens(
     With ``tokenizer`` (a resumed run), the corpus is encoded with that vocabulary;
     otherwise the vocabulary is the corpus's own, cut to ``max_vocab`` characters if set.
     """
-    source, total_bytes = _source_key(spec, hf_split, hf_column)
+    # A local corpus is resolved once: a folder is scanned (and its binary files reported) once.
+    hf = spec.startswith("hf:")
+    files = [] if hf else corpus_files(spec)
+
+    def chunks() -> Iterator[str]:
+        if hf:
+            return iter_hf_dataset(spec[3:], hf_split, hf_column)
+        return read_files(files, folder=Path(spec).expanduser().is_dir())
+
+    source, total_bytes = _source_key(spec, hf_split, hf_column, files)
     vocab = hashlib.sha256(tokenizer.to_hf().to_str().encode()).hexdigest() if tokenizer else max_vocab
     key = json.dumps({"version": CACHE_VERSION, "source": source, "vocab": vocab}, sort_keys=True)
-    folder = cache_folder(spec, hf_split, hf_column)
+    folder = cache_folder(spec, hf_split, hf_column, files)
     cached = _open_cache(folder, key)
     if cached is not None:
         return cached
 
     if tokenizer is None:
-        tokenizer = CharTokenizer.from_counts(count_characters(spec, hf_split, hf_column), max_vocab)
+        tokenizer = CharTokenizer.from_counts(count_characters(chunks()), max_vocab)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META_FILE).unlink(missing_ok=True)  # the old cache is invalid from here on
     tmp = folder / f"{TOKENS_FILE}.tmp-{os.getpid()}"
@@ -95,7 +106,7 @@ def corpus_tokens(
                disable=None if total_bytes >= _BAR_MIN_BYTES or not total_bytes else True)
     try:
         with open(tmp, "wb") as out:
-            for chunk in iter_corpus(spec, hf_split, hf_column):
+            for chunk in chunks():
                 ids = tokenizer.encode(chunk)
                 out.write(ids.tobytes())
                 n += len(ids)

@@ -43,8 +43,8 @@ def test_the_cache_is_reused_until_the_corpus_changes(tmp_path, monkeypatch):
     path.write_text("abcabc\n" * 10, encoding="utf-8")
     corpus_tokens(str(path))
     calls = []
-    real_iter = data.iter_corpus
-    monkeypatch.setattr("charrnn.token_cache.iter_corpus", lambda *a: calls.append(a) or real_iter(*a))
+    real_read = data.read_files
+    monkeypatch.setattr("charrnn.token_cache.read_files", lambda *a, **k: calls.append(a) or real_read(*a, **k))
     tokens, _ = corpus_tokens(str(path))
     assert calls == []  # a cache hit reads nothing of the corpus
     path.write_text("xyzxyz\n" * 12, encoding="utf-8")
@@ -87,7 +87,7 @@ def test_max_vocab_keeps_the_most_frequent_characters(tmp_path):
     tokens, tokenizer = corpus_tokens(str(path), max_vocab=4)  # <unk> + the 3 most frequent
     assert tokenizer.vocab_size == 4 and set(tokenizer.chars[1:]) == {"a", "b", "c"}
     assert int((tokens == 0).sum()) == 2  # the emoji and the newline read as <unk>
-    assert count_characters(str(path))["😀"] == 1
+    assert count_characters(data.iter_corpus(str(path)))["😀"] == 1
 
 
 def test_max_vocab_reaches_the_model_through_training(tmp_path, corpus_file):
@@ -131,3 +131,13 @@ def test_invalid_utf8_far_into_a_chunked_file_names_its_byte_and_line(tmp_path, 
     path.write_bytes(b"line one\nline two\ncaf\xe9\n")
     with pytest.raises(CorpusError, match=r"is not valid UTF-8 \(byte 21, line 3\)"):
         corpus_tokens(str(path))
+
+
+def test_a_folder_is_scanned_once_per_run(tmp_path, capsys):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("some text\n", encoding="utf-8")
+    (folder / "logo.png").write_bytes(b"\x89PNG\x00\x00")
+    tokens, tokenizer = corpus_tokens(str(folder))
+    assert tokenizer.decode(tokens) == "some text\n"
+    assert capsys.readouterr().err.count("skipping binary file") == 1
