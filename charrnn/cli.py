@@ -18,6 +18,7 @@ from typing import Any
 
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .errors import CharRNNError
+from .tokenizer import is_surrogate
 
 EXIT_USER_ERROR = 2
 
@@ -141,7 +142,7 @@ def _sample_main(argv: list[str]) -> int:
     args = sample_parser().parse_args(argv)
     # Bytes of the command line that are not UTF-8 reach Python as lone surrogates, which no
     # stream can print: they become U+FFFD, as the model reads them (as <unk>) anyway.
-    args.prompt = "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in args.prompt)
+    args.prompt = "".join("\ufffd" if is_surrogate(ch) else ch for ch in args.prompt)
     options = dict(
         length=args.length,
         temperature=0.0 if args.greedy else args.temperature,

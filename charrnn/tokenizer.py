@@ -26,7 +26,8 @@ REPLACEMENT_CHAR = "\ufffd"
 _MAX_CODE_POINT = 0x110000
 
 
-def _is_surrogate(ch: str) -> bool:
+def is_surrogate(ch: str) -> bool:
+    """A lone UTF-16 surrogate: possible in a Python str, never a character of UTF-8 text."""
     return len(ch) == 1 and 0xD800 <= ord(ch) <= 0xDFFF
 
 
@@ -39,7 +40,7 @@ class CharTokenizer:
         for ch in chars:
             if len(ch) != 1:
                 raise ValueError(f"vocabulary entries must be single characters, got {ch!r}")
-            if _is_surrogate(ch):
+            if is_surrogate(ch):
                 raise ValueError(f"a lone surrogate ({ch!r}) cannot be a vocabulary entry: it is not a character")
             if ch not in seen:
                 seen.add(ch)
@@ -66,7 +67,7 @@ class CharTokenizer:
     def from_counts(cls, counts: Counter, max_vocab: int = 0) -> "CharTokenizer":
         # Lone surrogates (possible in a Python str, never in UTF-8 text) cannot be stored
         # in tokenizer.json: they stay out of the vocabulary and read as <unk>.
-        counts = Counter({c: n for c, n in counts.items() if not _is_surrogate(c)})
+        counts = Counter({c: n for c, n in counts.items() if not is_surrogate(c)})
         chars = list(counts)
         if max_vocab and len(chars) > max_vocab - 1:
             chars = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: max_vocab - 1]]
