@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,9 +21,10 @@ import torch
 from .checkpoint import find_latest_checkpoint, load_checkpoint
 from .config import SampleConfig
 from .device import cpu_has_fast_bf16, resolve_device
-from .errors import PromptError
+from .errors import ConfigError, PromptError
 from .evaluation import evaluate
 from .model import CharRNN, Hidden
+from .native import BatchedStepper, NativeStepper, StateAfter, load_kernel
 from .stepper import Stepper
 from .tokenizer import CharTokenizer
 
@@ -32,7 +33,9 @@ if TYPE_CHECKING:
 
 MAX_PROMPT_CHARS = 100_000
 MAX_SAMPLES = 4096  # streams sampled side by side in one call
+BATCH_STREAMS = 8  # from this many streams on, products run as batched matrix products
 _PRIME_CHUNK = 2048
+_SAMPLE_CHUNK = 64  # characters sampled per call before the text is scanned for stop strings
 
 
 # --- logits processors ------------------------------------------------------------------
@@ -58,13 +61,43 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def pick_next(logits: torch.Tensor, config: SampleConfig, generator: torch.Generator) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V) under temperature, top-k and top-p."""
+def pick_next(logits: torch.Tensor, config: SampleConfig, uniforms: torch.Tensor) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V) under temperature, top-k and top-p.
+
+    Each row draws by inverse CDF with its own uniform in [0, 1) (``uniforms``, (B,)):
+    the first character whose cumulative probability, in vocabulary order, exceeds
+    u times the total. The fused kernel applies the same rule, so a seed means the
+    same uniforms on every path.
+    """
     if config.greedy:
         return logits.argmax(dim=-1)
-    logits = apply_top_p(apply_top_k(logits / config.temperature, config.top_k), config.top_p)
+    logits = apply_top_p(apply_top_k(logits.double() / config.temperature, config.top_k), config.top_p)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    cdf = torch.cumsum(probs, dim=-1)
+    picked = (cdf <= uniforms.to(cdf)[:, None] * cdf[:, -1:]).sum(dim=-1)
+    # Rounding can leave the target at the very top: take the last character still allowed.
+    last = probs.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(picked, last)
+
+
+def sample_steps(
+    stepper: Stepper | NativeStepper | BatchedStepper, logits: torch.Tensor, hidden: Hidden, config: SampleConfig, uniforms: torch.Tensor
+) -> tuple[torch.Tensor, StateAfter]:
+    """K characters for B streams from the state before them, one uniform each (``uniforms``, (K, B)).
+
+    Returns the tokens (K, B) and ``state(j)``: the logits and hidden state right after
+    token j, so a caller can stop after any of them.
+    """
+    if not isinstance(stepper, Stepper):  # the kernel's steppers pick in the kernel
+        temperature = 0.0 if config.greedy else config.temperature
+        return stepper.sample(logits, hidden, uniforms, temperature, config.top_k, config.top_p)
+    tokens, states = [], []
+    for u in uniforms:
+        token = pick_next(logits, config, u)
+        logits, hidden = stepper.step(token, hidden)
+        tokens.append(token)
+        states.append((logits, hidden))
+    return torch.stack(tokens), states.__getitem__
 
 
 def new_generator(seed: int | None) -> torch.Generator:
@@ -133,23 +166,45 @@ class Sampler:
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.max_prompt_chars = max_prompt_chars
-        self._steppers: dict[torch.dtype, Stepper] = {}
+        self._steppers: dict[tuple[str, torch.dtype], Stepper | NativeStepper | BatchedStepper] = {}
 
-    def stepper(self, streams: int = 1) -> Stepper:
-        """The step function for ``streams`` parallel streams.
+    def stepper(self, streams: int = 1) -> Stepper | NativeStepper | BatchedStepper:
+        """The step function for ``streams`` parallel streams, chosen by ``dtype``.
 
-        With ``dtype=None`` (auto), one stream steps in float32: it is bound by reading
-        the weights, where bfloat16 kernels gain little here. Batches of 8 or more use
-        bfloat16 products where the hardware runs them natively (AMX, tensor cores),
-        where they are compute-bound and about 1.6x faster.
+        - ``None`` (auto): on a CPU, fewer than 8 streams use the fused kernel with int8
+          weights (reading the weights is the bottleneck, and int8 rows stay in cache);
+          8 or more use bfloat16 products where the CPU runs them natively (AMX,
+          AVX512-BF16), else float32. On CUDA: bfloat16 from 8 streams, else float32.
+        - ``torch.float32``: exact (within 1e-5 of the model's forward pass).
+        - ``torch.int8``: int8 weights, one scale per row; CPU only.
+        - ``torch.bfloat16``: bfloat16 products, float32 state.
+
+        On a CPU every choice runs on charrnn's compiled kernel (``charrnn.native``), and
+        on plain torch ops where it cannot be built.
         """
+        cpu = self.device.type == "cpu"
+        kernel = load_kernel() if cpu else None
+        batch = streams >= BATCH_STREAMS
         dtype = self.dtype
         if dtype is None:
-            fast_bf16 = cpu_has_fast_bf16() if self.device.type == "cpu" else self.device.type == "cuda"
-            dtype = torch.bfloat16 if streams >= 8 and fast_bf16 else torch.float32
-        if dtype not in self._steppers:
-            self._steppers[dtype] = Stepper(self.model, dtype)
-        return self._steppers[dtype]
+            if kernel is not None and not batch:
+                dtype = torch.int8
+            else:
+                fast_bf16 = cpu_has_fast_bf16() if cpu else self.device.type == "cuda"
+                dtype = torch.bfloat16 if batch and fast_bf16 else torch.float32
+        if dtype == torch.int8 and kernel is None:
+            where = "on this machine" if cpu else f"on {self.device.type}"
+            raise ConfigError(f"int8 sampling runs on charrnn's CPU kernel, which is not available {where}: use float32 or bfloat16")
+        kind = "torch" if kernel is None else "fused" if dtype == torch.int8 or (dtype == torch.float32 and not batch) else "batched"
+        key = (kind, dtype)
+        if key not in self._steppers:
+            if kind == "fused":
+                self._steppers[key] = NativeStepper(self.model, dtype == torch.int8, kernel)
+            elif kind == "batched":
+                self._steppers[key] = BatchedStepper(self.model, dtype, kernel, streams)
+            else:
+                self._steppers[key] = Stepper(self.model, dtype)
+        return self._steppers[key]
 
     @property
     def vocab(self) -> list[str]:
@@ -212,25 +267,29 @@ class Sampler:
         stepper = self.stepper(streams)
         scanners = [StopScanner(config.stop) for _ in range(streams)]
         active = set(range(streams))
-        # (logits, hidden) before each recent character, to rewind to the end of the shown text.
-        history: deque = deque(maxlen=max((len(s) for s in config.stop), default=1))
+        # The state after each recent character (the first entry: the state before them all),
+        # to rewind to the end of the shown text.
+        start = (logits, hidden)
+        history: deque = deque([lambda: start], maxlen=max((len(s) for s in config.stop), default=0) + 1)
         decode = self.tokenizer.decode
+        produced = 0
         try:
-            for _ in range(config.length):
-                tokens = pick_next(logits, config, generator)
-                before = (logits, hidden)
-                logits, hidden = stepper.step(tokens, hidden)
-                # Recorded after the step, so an interrupt inside it leaves history matching what was pushed.
-                history.append(before)
-                ids = tokens.tolist()
-                for i in sorted(active):
-                    piece = scanners[i].push(decode((ids[i],)))
-                    if piece:
-                        yield i, piece
-                    if scanners[i].done:
-                        active.discard(i)
-                if not active:
-                    return
+            while produced < config.length and active:
+                count = min(_SAMPLE_CHUNK, config.length - produced)
+                uniforms = torch.rand(count, streams, generator=generator, dtype=torch.float64)
+                tokens, state = sample_steps(stepper, logits, hidden, config, uniforms)
+                logits, hidden = state(count - 1)
+                for j, ids in enumerate(tokens.tolist()):
+                    produced += 1
+                    history.append(lambda j=j, state=state: state(j))
+                    for i in sorted(active):
+                        piece = scanners[i].push(decode((ids[i],)))
+                        if piece:
+                            yield i, piece
+                        if scanners[i].done:
+                            active.discard(i)
+                    if not active:
+                        return
             for i in sorted(active):
                 piece = scanners[i].flush()
                 if piece:
@@ -240,7 +299,7 @@ class Sampler:
             if end is not None:
                 scanner = scanners[0]
                 unshown = scanner.stop_length if scanner.done else len(scanner.pending)
-                end["logits"], end["hidden"] = history[-unshown] if unshown else (logits, hidden)
+                end["logits"], end["hidden"] = history[-1 - unshown]()
 
     def _config(self, **options: Any) -> SampleConfig:
         if isinstance(options.get("stop"), str):
@@ -276,14 +335,16 @@ class Sampler:
         generator = new_generator(config.seed)
         if not config.stop:
             # Nothing to watch for: keep the ids as tensors and decode once at the end, instead
-            # of handing out num_samples Python strings per step.
-            stepper, columns = self.stepper(num_samples), []
+            # of handing out num_samples Python strings per character.
+            stepper, chunks = self.stepper(num_samples), []
             with torch.no_grad():
-                for _ in range(config.length):
-                    tokens = pick_next(logits, config, generator)
-                    columns.append(tokens)
-                    logits, hidden = stepper.step(tokens, hidden)
-            rows = torch.stack(columns, 1).tolist() if columns else [[] for _ in range(num_samples)]
+                for produced in range(0, config.length, _SAMPLE_CHUNK):
+                    count = min(_SAMPLE_CHUNK, config.length - produced)
+                    uniforms = torch.rand(count, num_samples, generator=generator, dtype=torch.float64)
+                    tokens, state = sample_steps(stepper, logits, hidden, config, uniforms)
+                    logits, hidden = state(count - 1)
+                    chunks.append(tokens)
+            rows = torch.cat(chunks).T.tolist() if chunks else [[] for _ in range(num_samples)]
             return [self.tokenizer.decode(row) for row in rows]
         texts = [""] * num_samples
         for i, piece in self._run(logits, hidden, config, generator):

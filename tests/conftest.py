@@ -140,7 +140,8 @@ def trained_run(tmp_path_factory, corpus_file):
 
 @pytest.fixture(scope="session")
 def sampler(trained_run) -> charrnn.Sampler:
-    return charrnn.load(trained_run.best, device="cpu")
+    """float32 throughout, so stepped states can be compared with a forward pass."""
+    return charrnn.load(trained_run.best, device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")

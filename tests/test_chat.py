@@ -14,7 +14,7 @@ from safetensors import safe_open
 import charrnn
 from charrnn import ChatSession, ChatTemplate, ConfigError, PromptError, SessionFileError
 from charrnn.chat import _missing_separator, main as chat_main
-from charrnn.stepper import Stepper
+from charrnn import sampling
 
 from conftest import PYTHON
 
@@ -58,14 +58,14 @@ def test_template_defaults_are_a_play_script():
 
 
 def test_templated_turns_read_exactly_the_play_script(sampler):
-    a = sampler.chat(template=PLAY, seed=4, temperature=1.0, length=60)
+    a = sampler.chat(template=PLAY, seed=4, temperature=1.0, length=200)
     r1, r2, r3 = a.send(M1), a.send(M2), a.send(M3)
-    b = raw_chat(sampler, seed=4, temperature=1.0, length=60)
+    b = raw_chat(sampler, seed=4, temperature=1.0, length=200)
     assert b.send(turn(M1)) == r1
     assert b.send(turn(M2, after="\n\n")) == r2
     assert b.send(turn(M3, after="\n\n")) == r3
     for reply in (r1, r2, r3):
-        assert "\n\n" not in reply and len(reply) < 60  # each ended at the separator, which is not shown
+        assert "\n\n" not in reply and len(reply) < 200  # each ended at the separator, which is not shown
 
 
 def test_reply_length_and_stop_options(sampler):
@@ -150,13 +150,13 @@ def count_fed(monkeypatch, sampler) -> list[int]:
 def test_each_turn_costs_its_own_characters_and_memory_stays_constant(sampler, monkeypatch, tmp_path):
     fed = count_fed(monkeypatch, sampler)
     stepped: list[int] = []
-    step = Stepper.step
+    sample_steps = sampling.sample_steps
 
-    def counting_step(self, tokens, hidden):
-        stepped.append(tokens.numel())
-        return step(self, tokens, hidden)
+    def counting_steps(stepper, logits, hidden, config, uniforms):
+        stepped.append(uniforms.numel())
+        return sample_steps(stepper, logits, hidden, config, uniforms)
 
-    monkeypatch.setattr(Stepper, "step", counting_step)
+    monkeypatch.setattr(sampling, "sample_steps", counting_steps)
 
     length = 30
     session = sampler.chat(template=PLAY, seed=1, temperature=1.0, length=length)

@@ -7,12 +7,23 @@ import random
 import warnings
 
 import pytest
+import torch
 
+import charrnn
 from charrnn import ConfigError, PromptError
 
 from conftest import make_text
 
 PROMPT = "ROMEO:\n"
+
+
+@pytest.fixture(params=["float32", "auto", "torch ops"])
+def sampler(request, trained_run, monkeypatch):
+    """Every behaviour below holds on each path: the fused kernel in float32, the default
+    (int8 weights for one stream), and plain torch ops (where the kernel cannot be built)."""
+    if request.param == "torch ops":
+        monkeypatch.setenv("CHARRNN_KERNEL", "off")
+    return charrnn.load(trained_run.best, device="cpu", dtype=None if request.param == "auto" else torch.float32)
 
 
 def _first_fresh_ngram(text: str, n: int = 3, start: int = 3) -> int:

@@ -1,0 +1,139 @@
+"""The compiled kernel (charrnn/csrc/step.cpp) against the model's own forward pass and
+against the torch path's sampling rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from charrnn import ConfigError
+from charrnn import native
+from charrnn.model import CharRNN
+from charrnn.native import BatchedStepper, NativeStepper, load_kernel
+from charrnn.sampling import Sampler, pick_next
+from charrnn.config import SampleConfig
+from charrnn.tokenizer import CharTokenizer
+
+from conftest import tiny_model_config
+
+CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = load_kernel()
+    assert k is not None, "the kernel must build on this machine (g++ and ninja are installed by .ci/run's set-up)"
+    return k
+
+
+def model(cell: str, layers: int = 2, hidden: int = 37, vocab: int = 23) -> CharRNN:
+    """Odd sizes, so every remainder loop of the kernel runs."""
+    torch.manual_seed(0)
+    m = CharRNN(tiny_model_config(cell=cell, n_layers=layers, hidden_size=hidden, embedding_size=11, vocab_size=vocab)).eval()
+    with torch.no_grad():  # larger weights than the initialisation, so the gates saturate somewhere
+        for p in m.parameters():
+            p.mul_(1 if cell == "rnn_relu" else 3)
+    return m
+
+
+def stepped(stepper, m: CharRNN, ids: torch.Tensor) -> torch.Tensor:
+    hidden, out = m.init_hidden(ids.size(0)), []
+    for t in range(ids.size(1)):
+        logits, hidden = stepper.step(ids[:, t], hidden)
+        out.append(logits)
+    return torch.stack(out, 1)
+
+
+def forward(m: CharRNN, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return m(ids)[0].float()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("layers", [1, 3])
+def test_float32_kernel_equals_the_forward_pass(kernel, cell, layers):
+    m = model(cell, layers)
+    ids = torch.randint(23, (3, 40), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(stepped(NativeStepper(m, False, kernel), m, ids), forward(m, ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_int8_kernel_stays_close_to_the_forward_pass(kernel, cell):
+    m = model(cell)
+    ids = torch.randint(23, (2, 40), generator=torch.Generator().manual_seed(2))
+    want = forward(m, ids)
+    got = stepped(NativeStepper(m, True, kernel), m, ids)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_stepper_equals_the_forward_pass(kernel, cell, dtype):
+    m = model(cell)
+    ids = torch.randint(23, (9, 30), generator=torch.Generator().manual_seed(3))
+    got = stepped(BatchedStepper(m, dtype, kernel, 9), m, ids)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(got, forward(m, ids), rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.5, top_k=3), dict(temperature=1.3, top_p=0.8), dict(temperature=0.9, top_k=5, top_p=0.5)],
+)
+def test_kernel_picks_by_the_same_rule_as_torch(kernel, options):
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(500, 23, generator=g) * 3
+    logits[:, 7] = logits[:, 3]  # a tie
+    uniforms = torch.rand(500, generator=g, dtype=torch.float64)
+    config = SampleConfig(**options)
+    want = pick_next(logits, config, uniforms)
+    got = kernel.pick(logits, uniforms, config.temperature, config.top_k, config.top_p)
+    assert (got == want).float().mean() > 0.995  # float32 against float64 sums may split a hair's-breadth draw
+
+
+def test_kernel_picks_follow_the_probabilities(kernel):
+    """Evenly spaced uniforms hit each character in proportion to its probability."""
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0, -30.0]])
+    n = 20000
+    uniforms = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    picks = torch.stack([kernel.pick(logits, u[None], 1.0, 0, 1.0) for u in uniforms])
+    counts = torch.bincount(picks.flatten(), minlength=5).double() / n
+    torch.testing.assert_close(counts, torch.softmax(logits[0].double(), 0), rtol=0, atol=1e-3)
+
+
+def test_sampling_in_the_kernel_equals_stepping_and_picking(kernel):
+    m = model("lstm")
+    stepper = NativeStepper(m, False, kernel)
+    uniforms = torch.rand(30, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    logits, hidden = torch.randn(2, 23), m.init_hidden(2)
+    tokens, state = stepper.sample(logits, hidden, uniforms, 0.8, 0, 1.0)
+    for j, u in enumerate(uniforms):
+        token = kernel.pick(logits, u, 0.8, 0, 1.0)
+        logits, hidden = stepper.step(token, hidden)
+        assert torch.equal(tokens[j], token)
+        after_logits, after_hidden = state(j)
+        assert torch.equal(after_logits, logits) and all(torch.equal(a, b) for a, b in zip(after_hidden, hidden))
+
+
+def test_without_a_compiler_sampling_falls_back_to_torch_with_one_warning(monkeypatch):
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension: g++: command not found")
+
+    monkeypatch.setattr(native, "_kernel", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
+    m = model("gru")
+    sampler = Sampler(m, CharTokenizer([chr(97 + i) for i in range(22)]))
+    with pytest.warns(UserWarning, match="could not be built .*g\\+\\+: command not found.*Install a C\\+\\+ compiler"):
+        text = sampler.generate("abc", length=30, seed=1)
+    assert len(text) == 30 and sampler.generate("abc", length=30, seed=1) == text
+    with pytest.raises(ConfigError, match="int8 sampling runs on charrnn's CPU kernel, which is not available"):
+        Sampler(m, sampler.tokenizer, dtype=torch.int8).generate("abc", length=3)
+
+
+def test_the_kernel_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("CHARRNN_KERNEL", "off")
+    assert load_kernel() is None
+    sampler = Sampler(model("lstm"), CharTokenizer([chr(97 + i) for i in range(22)]))
+    assert type(sampler.stepper(1)).__name__ == "Stepper"
