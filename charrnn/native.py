@@ -68,6 +68,11 @@ def load_kernel() -> ModuleType | None:
     return _kernel
 
 
+def has_tiles(kernel: ModuleType | None) -> bool:
+    """True where the kernel was built with AMX tiles (and so the CPU has them)."""
+    return kernel is not None and hasattr(kernel, "TilePacked")
+
+
 def _unit_major(w: torch.Tensor, gates: int) -> torch.Tensor:
     """Rows (or a bias) from torch's gate-major order (g * H + u) to unit-major (u * G + g)."""
     hidden = w.shape[0] // gates
@@ -82,40 +87,65 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.float().contiguous()
 
 
-class NativeStepper:
-    """The fused step over weights packed for it: float32 (exact) or int8 rows (``quantized``)."""
+class Weights:
+    """A model's weights as float32 CPU tensors in torch's gate-major row order (g * H + u),
+    arranged for a step: layer 0's input product folded into ``table0`` (V, G * H).
 
-    def __init__(self, model: CharRNN, quantized: bool, kernel: ModuleType):
+    As in :class:`~charrnn.stepper.Stepper`, the input-side bias ``b_x`` holds b_hh too,
+    except for GRU, whose n gate needs ``b_h`` apart: n = tanh(x_n + r * (W_hn h + b_hn)).
+    ``w_x[0]`` and ``b_x[0]`` are empty (the table replaces them), as is ``b_h`` but for GRU.
+    """
+
+    def __init__(self, model: CharRNN):
         cfg = model.config
-        self.kernel, self.cell = kernel, cfg.cell
-        self.dtype = torch.int8 if quantized else torch.float32
-        G = GATES[cfg.cell]
-        rnn = model.rnn
-        empty = torch.empty(0)
+        rnn, empty, gru = model.rnn, torch.empty(0), cfg.cell == "gru"
 
         def p(name: str, layer: int) -> torch.Tensor:
-            return getattr(rnn, f"{name}_l{layer}").detach().float().cpu()
+            return getattr(rnn, f"{name}_l{layer}").detach().float().cpu().contiguous()
 
-        def pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            w = _unit_major(w, G) if w.shape[0] == G * cfg.hidden_size else w.contiguous()
-            return quantize_rows(w) if quantized else (w, empty)
+        layers = range(cfg.n_layers)
+        x_bias = [p("bias_ih", l) + (0 if gru else p("bias_hh", l)) for l in layers]
+        self.table0 = (model.embedding.weight.detach().float().cpu() @ p("weight_ih", 0).T + x_bias[0]).contiguous()
+        self.w_x = [empty] + [p("weight_ih", l) for l in layers[1:]]
+        self.b_x = [empty] + x_bias[1:]
+        self.w_h = [p("weight_hh", l) for l in layers]
+        self.b_h = [p("bias_hh", l) if gru else empty for l in layers]
+        self.w_o = model.head.weight.detach().float().cpu().contiguous()
+        self.b_o = model.head.bias.detach().float().cpu().contiguous()
 
-        # As in Stepper: the input-side bias holds b_hh too, except for GRU, whose n gate needs it apart.
-        gru = cfg.cell == "gru"
-        x_bias = [p("bias_ih", l) + (0 if gru else p("bias_hh", l)) for l in range(cfg.n_layers)]
-        table0 = model.embedding.weight.detach().float().cpu() @ p("weight_ih", 0).T + x_bias[0]
-        table0 = _unit_major(table0.T, G).T.contiguous()
-        w_x, s_x, b_x = [empty], [empty], [empty]  # layer 0 reads the table instead
-        w_h, s_h, b_h = [], [], []
-        for l in range(cfg.n_layers):
-            if l:
-                w, s = pack(p("weight_ih", l))
-                w_x.append(w), s_x.append(s), b_x.append(_unit_major(x_bias[l], G))
-            w, s = pack(p("weight_hh", l))
-            w_h.append(w), s_h.append(s), b_h.append(_unit_major(p("bias_hh", l), G) if gru else empty)
-        w_o, s_o = pack(model.head.weight.detach().float().cpu())
-        b_o = model.head.bias.detach().float().cpu().contiguous()
-        self.packed = kernel.Packed(CELLS[cfg.cell], table0, w_x, s_x, b_x, w_h, s_h, b_h, w_o, s_o, b_o)
+
+class NativeStepper:
+    """A step and a sampling loop that run whole in the kernel, over weights packed for it.
+
+    ``weights`` is how the products run:
+
+    - ``float32``: exact, rows in unit-major order (a unit's gates side by side);
+    - ``int8``: the same rows quantized, one scale each (a quarter of the bytes to read);
+    - ``bfloat16``: AMX tiles, for batches (only where the CPU has AMX: ``has_tiles``).
+    """
+
+    def __init__(self, model: CharRNN, weights: str, kernel: ModuleType):
+        cfg = model.config
+        self.kernel, self.cell = kernel, cfg.cell
+        self.dtype = {"float32": torch.float32, "int8": torch.int8, "bfloat16": torch.bfloat16}[weights]
+        w, cell = Weights(model), CELLS[cfg.cell]
+        if weights == "bfloat16":
+            self.packed = kernel.TilePacked(cell, w.table0, w.w_x, w.b_x, w.w_h, w.b_h, w.w_o, w.b_o)
+            return
+        G, empty = GATES[cfg.cell], torch.empty(0)
+
+        def rows(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Rows of a layer matrix in unit-major order; int8 with scales, or float32 and no scales."""
+            m = _unit_major(m, G) if m.numel() and m.shape[0] == G * cfg.hidden_size else m
+            return quantize_rows(m) if weights == "int8" and m.numel() else (m, empty)
+
+        x, h, head = [rows(m) for m in w.w_x], [rows(m) for m in w.w_h], rows(w.w_o)
+        self.packed = kernel.Packed(
+            cell, _unit_major(w.table0.T, G).T.contiguous(),
+            [m for m, _ in x], [s for _, s in x], [_unit_major(b, G) if b.numel() else b for b in w.b_x],
+            [m for m, _ in h], [s for _, s in h], [_unit_major(b, G) if b.numel() else b for b in w.b_h],
+            head[0], head[1], w.b_o,
+        )  # fmt: skip
 
     def step(self, tokens: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
         """tokens (B,) int64, hidden as from ``CharRNN`` -> float32 logits (B, V) and the new hidden."""
@@ -123,17 +153,28 @@ class NativeStepper:
         logits, h, c = self.kernel.step(self.packed, tokens.contiguous(), h, c)
         return logits, self._join(h, c)
 
-    def sample(self, logits: torch.Tensor, hidden: Hidden, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, StateAfter]:
+    def sample(
+        self, logits: torch.Tensor, hidden: Hidden, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float, every_state: bool = True
+    ) -> tuple[torch.Tensor, StateAfter]:
         """K characters per stream from the state before them, each drawn with its uniform
         (``uniforms``, (K, B)) as ``charrnn.sampling.pick_next`` draws it; the loop runs in the kernel.
 
-        Returns the tokens (K, B) and ``state(j)``: the logits and hidden state right after token j.
+        Returns the tokens (K, B) and ``state(j)``: the logits and hidden state right after
+        token j; without ``every_state``, only after the last one (j = K - 1).
         """
         h, c = self._split(hidden)
-        tokens, logits_seq, h_seq, c_seq = self.kernel.sample(self.packed, logits.float().contiguous(), h, c, uniforms.contiguous(), temperature, top_k, top_p)
-        if self.cell == "lstm":
-            return tokens, lambda j: (logits_seq[j], (h_seq[j], c_seq[j]))
-        return tokens, lambda j: (logits_seq[j], h_seq[j])
+        tokens, logits_seq, h_seq, c_seq = self.kernel.sample(
+            self.packed, logits.float().contiguous(), h, c, uniforms.contiguous(), temperature, top_k, top_p, every_state
+        )
+        slots = len(logits_seq)
+
+        def state(j: int) -> tuple[torch.Tensor, Hidden]:
+            if not every_state and j != len(tokens) - 1:
+                raise IndexError("only the state after the last token was kept")
+            i = j % slots
+            return logits_seq[i], ((h_seq[i], c_seq[i]) if self.cell == "lstm" else h_seq[i])
+
+        return tokens, state
 
     def _split(self, hidden: Hidden) -> tuple[torch.Tensor, torch.Tensor]:
         h, c = hidden if self.cell == "lstm" else (hidden, torch.empty(0))
@@ -177,20 +218,13 @@ class BatchedStepper:
     """
 
     def __init__(self, model: CharRNN, dtype: torch.dtype, kernel: ModuleType, batch: int):
-        cfg = model.config
-        self.kernel, self.cell, self.dtype = kernel, cfg.cell, dtype
-        rnn = model.rnn
-        gru = cfg.cell == "gru"
-
-        def p(name: str, layer: int) -> torch.Tensor:
-            return getattr(rnn, f"{name}_l{layer}").detach().float().cpu()
-
-        x_bias = [p("bias_ih", l) + (0 if gru else p("bias_hh", l)) for l in range(cfg.n_layers)]
-        self.table0 = model.embedding.weight.detach().float().cpu() @ p("weight_ih", 0).T + x_bias[0]
-        self.x_products = [None] + [_Product(p("weight_ih", l), x_bias[l], dtype, batch) for l in range(1, cfg.n_layers)]
-        self.h_products = [_Product(p("weight_hh", l), p("bias_hh", l) if gru else None, dtype, batch) for l in range(cfg.n_layers)]
+        self.kernel, self.cell, self.dtype = kernel, model.config.cell, dtype
+        w = Weights(model)
+        self.table0 = w.table0
+        self.x_products = [None] + [_Product(m, b, dtype, batch) for m, b in zip(w.w_x[1:], w.b_x[1:])]
+        self.h_products = [_Product(m, b if b.numel() else None, dtype, batch) for m, b in zip(w.w_h, w.b_h)]
         self.no_tokens = torch.empty(0, dtype=torch.long)
-        self.head = _Product(model.head.weight.detach().float().cpu(), model.head.bias.detach().float().cpu(), dtype, batch)
+        self.head = _Product(w.w_o, w.b_o, dtype, batch)
 
     def step(self, tokens: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
         """tokens (B,) int64, hidden as from ``CharRNN`` -> float32 logits (B, V) and the new hidden."""
@@ -207,7 +241,9 @@ class BatchedStepper:
         logits = self.head(x).float()
         return logits, ((h_out, c_out) if lstm else h_out)
 
-    def sample(self, logits: torch.Tensor, hidden: Hidden, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, StateAfter]:
+    def sample(
+        self, logits: torch.Tensor, hidden: Hidden, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float, every_state: bool = True
+    ) -> tuple[torch.Tensor, StateAfter]:
         """As :meth:`NativeStepper.sample`; the loop runs here, each pick in the kernel."""
         tokens, states = [], []
         for u in uniforms:

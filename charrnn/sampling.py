@@ -24,7 +24,7 @@ from .device import cpu_has_fast_bf16, resolve_device
 from .errors import ConfigError, PromptError
 from .evaluation import evaluate
 from .model import CharRNN, Hidden
-from .native import BatchedStepper, NativeStepper, StateAfter, load_kernel
+from .native import BatchedStepper, NativeStepper, StateAfter, has_tiles, load_kernel
 from .stepper import Stepper
 from .tokenizer import CharTokenizer
 
@@ -81,16 +81,22 @@ def pick_next(logits: torch.Tensor, config: SampleConfig, uniforms: torch.Tensor
 
 
 def sample_steps(
-    stepper: Stepper | NativeStepper | BatchedStepper, logits: torch.Tensor, hidden: Hidden, config: SampleConfig, uniforms: torch.Tensor
+    stepper: Stepper | NativeStepper | BatchedStepper,
+    logits: torch.Tensor,
+    hidden: Hidden,
+    config: SampleConfig,
+    uniforms: torch.Tensor,
+    every_state: bool = True,
 ) -> tuple[torch.Tensor, StateAfter]:
     """K characters for B streams from the state before them, one uniform each (``uniforms``, (K, B)).
 
     Returns the tokens (K, B) and ``state(j)``: the logits and hidden state right after
-    token j, so a caller can stop after any of them.
+    token j, so a caller can stop after any of them. Without ``every_state`` only the
+    state after the last token need be kept.
     """
     if not isinstance(stepper, Stepper):  # the kernel's steppers pick in the kernel
         temperature = 0.0 if config.greedy else config.temperature
-        return stepper.sample(logits, hidden, uniforms, temperature, config.top_k, config.top_p)
+        return stepper.sample(logits, hidden, uniforms, temperature, config.top_k, config.top_p, every_state)
     tokens, states = [], []
     for u in uniforms:
         token = pick_next(logits, config, u)
@@ -199,7 +205,9 @@ class Sampler:
         key = (kind, dtype)
         if key not in self._steppers:
             if kind == "fused":
-                self._steppers[key] = NativeStepper(self.model, dtype == torch.int8, kernel)
+                self._steppers[key] = NativeStepper(self.model, "int8" if dtype == torch.int8 else "float32", kernel)
+            elif kind == "batched" and dtype == torch.bfloat16 and has_tiles(kernel):
+                self._steppers[key] = NativeStepper(self.model, "bfloat16", kernel)
             elif kind == "batched":
                 self._steppers[key] = BatchedStepper(self.model, dtype, kernel, streams)
             else:
@@ -277,11 +285,13 @@ class Sampler:
             while produced < config.length and active:
                 count = min(_SAMPLE_CHUNK, config.length - produced)
                 uniforms = torch.rand(count, streams, generator=generator, dtype=torch.float64)
-                tokens, state = sample_steps(stepper, logits, hidden, config, uniforms)
+                # Rewinding into the chunk is only needed to leave a chat where its text ended.
+                tokens, state = sample_steps(stepper, logits, hidden, config, uniforms, every_state=end is not None)
                 logits, hidden = state(count - 1)
                 for j, ids in enumerate(tokens.tolist()):
                     produced += 1
-                    history.append(lambda j=j, state=state: state(j))
+                    if end is not None:
+                        history.append(lambda j=j, state=state: state(j))
                     for i in sorted(active):
                         piece = scanners[i].push(decode((ids[i],)))
                         if piece:
@@ -341,7 +351,7 @@ class Sampler:
                 for produced in range(0, config.length, _SAMPLE_CHUNK):
                     count = min(_SAMPLE_CHUNK, config.length - produced)
                     uniforms = torch.rand(count, num_samples, generator=generator, dtype=torch.float64)
-                    tokens, state = sample_steps(stepper, logits, hidden, config, uniforms)
+                    tokens, state = sample_steps(stepper, logits, hidden, config, uniforms, every_state=False)
                     logits, hidden = state(count - 1)
                     chunks.append(tokens)
             rows = torch.cat(chunks).T.tolist() if chunks else [[] for _ in range(num_samples)]

@@ -152,9 +152,9 @@ def test_each_turn_costs_its_own_characters_and_memory_stays_constant(sampler, m
     stepped: list[int] = []
     sample_steps = sampling.sample_steps
 
-    def counting_steps(stepper, logits, hidden, config, uniforms):
+    def counting_steps(stepper, logits, hidden, config, uniforms, every_state=True):
         stepped.append(uniforms.numel())
-        return sample_steps(stepper, logits, hidden, config, uniforms)
+        return sample_steps(stepper, logits, hidden, config, uniforms, every_state)
 
     monkeypatch.setattr(sampling, "sample_steps", counting_steps)
 

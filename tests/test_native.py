@@ -9,7 +9,7 @@ import torch
 from charrnn import ConfigError
 from charrnn import native
 from charrnn.model import CharRNN
-from charrnn.native import BatchedStepper, NativeStepper, load_kernel
+from charrnn.native import BatchedStepper, NativeStepper, has_tiles, load_kernel
 from charrnn.sampling import Sampler, pick_next
 from charrnn.config import SampleConfig
 from charrnn.tokenizer import CharTokenizer
@@ -54,7 +54,7 @@ def forward(m: CharRNN, ids: torch.Tensor) -> torch.Tensor:
 def test_float32_kernel_equals_the_forward_pass(kernel, cell, layers):
     m = model(cell, layers)
     ids = torch.randint(23, (3, 40), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(stepped(NativeStepper(m, False, kernel), m, ids), forward(m, ids), rtol=0, atol=1e-5)
+    torch.testing.assert_close(stepped(NativeStepper(m, "float32", kernel), m, ids), forward(m, ids), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -62,7 +62,7 @@ def test_int8_kernel_stays_close_to_the_forward_pass(kernel, cell):
     m = model(cell)
     ids = torch.randint(23, (2, 40), generator=torch.Generator().manual_seed(2))
     want = forward(m, ids)
-    got = stepped(NativeStepper(m, True, kernel), m, ids)
+    got = stepped(NativeStepper(m, "int8", kernel), m, ids)
     assert (got - want).abs().max() < 0.05 * want.abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
@@ -75,6 +75,35 @@ def test_batched_stepper_equals_the_forward_pass(kernel, cell, dtype):
     got = stepped(BatchedStepper(m, dtype, kernel, 9), m, ids)
     tolerance = 1e-5 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(got, forward(m, ids), rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("streams", [1, 17, 40])  # partial and several 16-row blocks
+def test_amx_tiles_equal_the_forward_pass_to_bfloat16_precision(kernel, cell, streams):
+    if not has_tiles(kernel):
+        pytest.skip("this CPU has no AMX tiles")
+    m = model(cell, hidden=45)  # 45 * G outputs and 45 inputs: partial tiles both ways
+    ids = torch.randint(23, (streams, 30), generator=torch.Generator().manual_seed(3))
+    want = forward(m, ids)
+    got = stepped(NativeStepper(m, "bfloat16", kernel), m, ids)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8", "bfloat16"])
+def test_a_sampling_call_keeping_only_the_last_state_ends_in_the_same_state(kernel, weights):
+    if weights == "bfloat16" and not has_tiles(kernel):
+        pytest.skip("this CPU has no AMX tiles")
+    m = model("lstm")
+    stepper = NativeStepper(m, weights, kernel)
+    uniforms = torch.rand(7, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    logits, hidden = torch.randn(3, 23), m.init_hidden(3)
+    tokens, state = stepper.sample(logits, hidden, uniforms, 1.0, 0, 1.0)
+    last_tokens, last_state = stepper.sample(logits, hidden, uniforms, 1.0, 0, 1.0, every_state=False)
+    assert torch.equal(tokens, last_tokens)
+    (a, (ha, ca)), (b, (hb, cb)) = state(6), last_state(6)
+    assert torch.equal(a, b) and torch.equal(ha, hb) and torch.equal(ca, cb)
+    with pytest.raises(IndexError):
+        last_state(5)
 
 
 @pytest.mark.parametrize(
@@ -104,7 +133,7 @@ def test_kernel_picks_follow_the_probabilities(kernel):
 
 def test_sampling_in_the_kernel_equals_stepping_and_picking(kernel):
     m = model("lstm")
-    stepper = NativeStepper(m, False, kernel)
+    stepper = NativeStepper(m, "float32", kernel)
     uniforms = torch.rand(30, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     logits, hidden = torch.randn(2, 23), m.init_hidden(2)
     tokens, state = stepper.sample(logits, hidden, uniforms, 0.8, 0, 1.0)

@@ -22,8 +22,10 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__x86_64__)
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace {
@@ -173,6 +175,9 @@ struct Packed {
       : cell(cell), G(cell == LSTM ? 4 : cell == GRU ? 3 : 1), table0(table0), w_o(w_o), s_o(s_o), b_o(b_o),
         w_x(w_x), s_x(s_x), b_x(b_x), w_h(w_h), s_h(s_h), b_h(b_h) {}
 
+  struct Scratch {  // the fused step keeps its buffers per thread
+    Scratch(const Packed&, int64_t) {}
+  };
   int64_t layers() const { return static_cast<int64_t>(w_h.size()); }
   int64_t hidden() const { return w_h[0].size(1); }
   int64_t vocab() const { return w_o.size(0); }
@@ -223,12 +228,193 @@ void advance(const Packed& p, int64_t B, const int64_t* tok, const float* h_old,
 }
 
 void advance(const Packed& p, int64_t B, const int64_t* tok, const float* h_old, const float* c_old, float* h_out,
-             float* c_out, float* logits) {
+             float* c_out, float* logits, Packed::Scratch&) {
   if (p.quantized())
     advance<int8_t>(p, B, tok, h_old, c_old, h_out, c_out, logits);
   else
     advance<float>(p, B, tok, h_old, c_old, h_out, c_out, logits);
 }
+
+// --- many streams: products on AMX tiles --------------------------------------------------
+//
+// From about 8 streams on, a step is a batch of matrix products, and Intel's AMX units
+// multiply 16 x 32 bfloat16 tiles in one instruction. The weights keep torch's gate-major
+// row order here and are packed once into tiles; each step converts the inputs to
+// bfloat16 (16-row blocks of streams), multiplies (threads split the output columns),
+// then runs the cells in float32 (threads split the streams). The products accumulate in
+// float32, so only the inputs and weights are rounded to bfloat16.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define CHARRNN_AMX 1
+
+bool amx_permitted() {
+  // Linux hands out the 8 KB of tile state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) rows[t] = 16, colsb[t] = 64;  // every tile: 16 rows of 64 bytes
+  }
+};
+
+// W (n, k) as bfloat16 tiles: tile (j, i) covers outputs 16j.. and inputs 32i.., stored as
+// 16 rows of (16 outputs x 2 adjacent inputs), the layout the tile multiply reads.
+struct TileMatrix {
+  int64_t n = 0, k = 0, n_blocks = 0, k_blocks = 0;
+  std::vector<at::BFloat16> tiles;
+  std::vector<float> bias;  // n_blocks * 16 values (zeros where there is no bias)
+
+  TileMatrix() = default;
+  TileMatrix(const at::Tensor& weight, const at::Tensor& b) {
+    const at::Tensor w = weight.to(at::kFloat).contiguous();
+    n = w.size(0), k = w.size(1), n_blocks = (n + 15) / 16, k_blocks = (k + 31) / 32;
+    tiles.assign(n_blocks * k_blocks * 512, at::BFloat16(0.f));
+    const float* src = w.data_ptr<float>();
+    for (int64_t j = 0; j < n_blocks; ++j)
+      for (int64_t i = 0; i < k_blocks; ++i)
+        for (int64_t r = 0; r < 16; ++r)
+          for (int64_t c = 0; c < 16; ++c)
+            for (int64_t q = 0; q < 2; ++q) {
+              const int64_t row = j * 16 + c, col = i * 32 + 2 * r + q;
+              if (row < n && col < k) tiles[((j * k_blocks + i) * 16 + r) * 32 + c * 2 + q] = src[row * k + col];
+            }
+    bias.assign(n_blocks * 16, 0.f);
+    if (b.numel()) std::copy_n(b.data_ptr<float>(), n, bias.begin());
+  }
+
+  // out (rows of n_blocks * 16 floats) = a (m_blocks * 16 rows of k_blocks * 32 bf16) @ W.T + bias,
+  // for output blocks [j0, j1); up to four 16-row blocks of a share each loaded weight tile.
+  void multiply(const at::BFloat16* a, int64_t m_blocks, float* out, int64_t j0, int64_t j1) const {
+    const int64_t lda = k_blocks * 64, ldo = n_blocks * 64;  // bytes per row
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t m = 0; m < m_blocks; m += 4) {
+        const int64_t count = std::min<int64_t>(4, m_blocks - m);
+        const float* b = bias.data() + j * 16;  // stride 0: every row of the tile starts as the bias
+        _tile_loadd(0, b, 0);
+        _tile_loadd(1, b, 0);
+        _tile_loadd(2, b, 0);
+        _tile_loadd(3, b, 0);
+        for (int64_t i = 0; i < k_blocks; ++i) {
+          // The weights stream from L3 each step; fetch the tile after next while this one multiplies.
+          const char* ahead = reinterpret_cast<const char*>(tiles.data() + (j * k_blocks + i + 2) * 512);
+          if (ahead < reinterpret_cast<const char*>(tiles.data() + tiles.size()))
+            for (int line = 0; line < 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+          _tile_loadd(5, tiles.data() + (j * k_blocks + i) * 512, 64);
+          const at::BFloat16* block = a + m * 16 * k_blocks * 32 + i * 32;
+          _tile_loadd(4, block, lda);
+          _tile_dpbf16ps(0, 4, 5);
+          if (count > 1) {
+            _tile_loadd(4, block + 16 * k_blocks * 32, lda);
+            _tile_dpbf16ps(1, 4, 5);
+          }
+          if (count > 2) {
+            _tile_loadd(4, block + 32 * k_blocks * 32, lda);
+            _tile_dpbf16ps(2, 4, 5);
+          }
+          if (count > 3) {
+            _tile_loadd(4, block + 48 * k_blocks * 32, lda);
+            _tile_dpbf16ps(3, 4, 5);
+          }
+        }
+        float* o = out + m * 16 * n_blocks * 16 + j * 16;
+        _tile_stored(0, o, ldo);
+        if (count > 1) _tile_stored(1, o + 16 * n_blocks * 16, ldo);
+        if (count > 2) _tile_stored(2, o + 32 * n_blocks * 16, ldo);
+        if (count > 3) _tile_stored(3, o + 48 * n_blocks * 16, ldo);
+      }
+  }
+};
+
+struct TileScratch;
+
+struct TilePacked {
+  using Scratch = TileScratch;
+  int64_t cell, G, H, V;
+  at::Tensor table0;  // (V, G * H) gate-major: embedding @ W_ih0.T + biases
+  std::vector<TileMatrix> x, h;  // x[0] unused
+  TileMatrix head;
+
+  TilePacked(int64_t cell, at::Tensor table0, std::vector<at::Tensor> w_x, std::vector<at::Tensor> b_x,
+             std::vector<at::Tensor> w_h, std::vector<at::Tensor> b_h, at::Tensor w_o, at::Tensor b_o)
+      : cell(cell), G(cell == LSTM ? 4 : cell == GRU ? 3 : 1), H(w_h[0].size(1)), V(w_o.size(0)),
+        table0(table0.contiguous()), head(w_o, b_o) {
+    TORCH_CHECK(amx_permitted(), "the kernel may not use AMX tiles here");
+    for (size_t l = 0; l < w_h.size(); ++l) {
+      x.push_back(l ? TileMatrix(w_x[l], b_x[l]) : TileMatrix());
+      h.emplace_back(w_h[l], b_h[l]);
+    }
+  }
+  int64_t vocab() const { return V; }
+};
+
+// Buffers of one batch of B streams, kept across the steps of a sampling call. Rows of
+// the bfloat16 inputs past B stay zero, so partial 16-row blocks multiply harmlessly.
+struct TileScratch {
+  int64_t m_blocks;
+  std::vector<std::vector<at::BFloat16>> h;  // per layer: the state coming in, as tile rows
+  std::vector<at::BFloat16> below;           // this step's output of the layer below
+  std::vector<float> gx, gh, out;            // products: inputs', hidden state's, the head's
+
+  TileScratch(const TilePacked& p, int64_t B) : m_blocks((B + 15) / 16) {
+    const int64_t rows = m_blocks * 16, inputs = p.h[0].k_blocks * 32, gates = p.h[0].n_blocks * 16;
+    h.assign(p.h.size(), std::vector<at::BFloat16>(rows * inputs, at::BFloat16(0.f)));
+    below.assign(rows * inputs, at::BFloat16(0.f));
+    gx.resize(rows * gates), gh.resize(rows * gates), out.resize(rows * p.head.n_blocks * 16);
+  }
+};
+
+void multiply_all(const std::vector<std::pair<const TileMatrix*, std::pair<const at::BFloat16*, float*>>>& jobs,
+                  int64_t m_blocks) {
+  int64_t total = 0;
+  for (auto& job : jobs) total += job.first->n_blocks;
+  // Threads split the output blocks of all the products of this phase.
+  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+    TileConfig config;
+    _tile_loadconfig(&config);
+    int64_t offset = 0;
+    for (auto& job : jobs) {
+      const TileMatrix& w = *job.first;
+      const int64_t j0 = std::max<int64_t>(begin - offset, 0), j1 = std::min<int64_t>(end - offset, w.n_blocks);
+      if (j0 < j1) w.multiply(job.second.first, m_blocks, job.second.second, j0, j1);
+      offset += w.n_blocks;
+    }
+    _tile_release();
+  });
+}
+
+void advance(const TilePacked& p, int64_t B, const int64_t* tok, const float* h_old, const float* c_old, float* h_out,
+             float* c_out, float* logits, TileScratch& s) {
+  const int64_t L = static_cast<int64_t>(p.h.size()), H = p.H, G = p.G, m_blocks = s.m_blocks;
+  const int64_t width = p.h[0].k_blocks * 32, gates = p.h[0].n_blocks * 16;
+  const float* t0 = p.table0.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t i = 0; i < H; ++i) s.h[l][b * width + i] = h_old[(l * B + b) * H + i];
+  });
+  for (int64_t l = 0; l < L; ++l) {
+    if (l)
+      multiply_all({{&p.h[l], {s.h[l].data(), s.gh.data()}}, {&p.x[l], {s.below.data(), s.gx.data()}}}, m_blocks);
+    else
+      multiply_all({{&p.h[l], {s.h[l].data(), s.gh.data()}}}, m_blocks);
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t at = (l * B + b) * H;
+        const float* x = l ? s.gx.data() + b * gates : t0 + tok[b] * G * H;
+        cell_update(p.cell, H, x, s.gh.data() + b * gates, h_old + at, c_old ? c_old + at : nullptr, h_out + at,
+                    c_out ? c_out + at : nullptr);
+        for (int64_t i = 0; i < H; ++i) s.below[b * width + i] = h_out[at + i];
+      }
+    });
+  }
+  multiply_all({{&p.head, {s.below.data(), s.out.data()}}}, m_blocks);
+  for (int64_t b = 0; b < B; ++b) std::copy_n(s.out.data() + b * p.head.n_blocks * 16, p.V, logits + b * p.V);
+}
+#endif
 
 // Draw one token from one row of logits, by inverse CDF over the kept characters in index
 // order, with the uniform u in [0, 1). The same rule as charrnn.sampling.pick_next.
@@ -273,45 +459,57 @@ at::Tensor hidden_like(const at::Tensor& h, int64_t steps) {
 }
 
 // tokens (B,) -> [logits (B, V), h, c]: one step, as charrnn.stepper.Stepper.step.
-std::vector<at::Tensor> step(const Packed& p, const at::Tensor& tokens, const at::Tensor& h, const at::Tensor& c) {
+template <typename P>
+std::vector<at::Tensor> step(const P& p, const at::Tensor& tokens, const at::Tensor& h, const at::Tensor& c) {
   const int64_t B = h.size(1);
-  auto logits = at::empty({B, p.vocab()}, h.options());
-  auto h_new = at::empty_like(h);
-  auto c_new = p.cell == LSTM ? at::empty_like(c) : at::empty({0}, h.options());
+  at::Tensor logits = at::empty({B, p.vocab()}, h.options());
+  at::Tensor h_new = at::empty_like(h);
+  at::Tensor c_new = p.cell == LSTM ? at::empty_like(c) : at::empty({0}, h.options());
   {
     pybind11::gil_scoped_release no_gil;  // threads sharing one model step in parallel
+    typename P::Scratch scratch(p, B);
     advance(p, B, tokens.data_ptr<int64_t>(), h.data_ptr<float>(), p.cell == LSTM ? c.data_ptr<float>() : nullptr,
-            h_new.data_ptr<float>(), p.cell == LSTM ? c_new.data_ptr<float>() : nullptr, logits.data_ptr<float>());
+            h_new.data_ptr<float>(), p.cell == LSTM ? c_new.data_ptr<float>() : nullptr, logits.data_ptr<float>(),
+            scratch);
   }
   return {logits, h_new, c_new};
 }
 
 // K characters for B streams, from the logits and state before the first of them:
 // token k is drawn with uniforms[k] from the logits before it, then fed. Returns
-// [tokens (K, B), logits (K, B, V), h (K, L, B, H), c (K, L, B, H) or empty]: entry k is
-// the state right after token k, so a caller can stop at any of them.
-std::vector<at::Tensor> sample(const Packed& p, const at::Tensor& logits, const at::Tensor& h, const at::Tensor& c,
-                               const at::Tensor& uniforms, double temperature, int64_t top_k, double top_p) {
+// [tokens (K, B), logits (S, B, V), h (S, L, B, H), c (S, L, B, H) or empty]: with
+// every_state, S = K and entry k is the state right after token k, so a caller can stop
+// at any of them; otherwise S = 2 and only entry (K - 1) % 2, the state after the last
+// token, is kept (the two alternate, so nothing grows with K).
+template <typename P>
+std::vector<at::Tensor> sample(const P& p, const at::Tensor& logits, const at::Tensor& h, const at::Tensor& c,
+                               const at::Tensor& uniforms, double temperature, int64_t top_k, double top_p,
+                               bool every_state) {
   const int64_t K = uniforms.size(0), B = h.size(1), V = p.vocab(), HS = h.numel();
   const bool lstm = p.cell == LSTM;
-  auto tokens = at::empty({K, B}, uniforms.options().dtype(at::kLong));
-  auto logits_seq = at::empty({K, B, V}, h.options());
-  auto h_seq = hidden_like(h, K);
-  auto c_seq = lstm ? hidden_like(c, K) : at::empty({0}, h.options());
+  at::Tensor tokens = at::empty({K, B}, uniforms.options().dtype(at::kLong));
+  const int64_t S = every_state ? K : 2;
+  at::Tensor logits_seq = at::empty({S, B, V}, h.options());
+  at::Tensor h_seq = hidden_like(h, S);
+  at::Tensor c_seq = lstm ? hidden_like(c, S) : at::empty({0}, h.options());
   {
     pybind11::gil_scoped_release no_gil;
     const double* u = uniforms.data_ptr<double>();
     int64_t* tok = tokens.data_ptr<int64_t>();
     float *ls = logits_seq.data_ptr<float>(), *hs = h_seq.data_ptr<float>(), *cs = lstm ? c_seq.data_ptr<float>() : nullptr;
-    std::vector<double> prob;
-    std::vector<int64_t> order;
+    typename P::Scratch scratch(p, B);
     for (int64_t k = 0; k < K; ++k) {
-      const float* prev_logits = k ? ls + (k - 1) * B * V : logits.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b)
-        tok[k * B + b] = pick_row(prev_logits + b * V, V, u[k * B + b], temperature, top_k, top_p, prob, order);
-      const float* h_old = k ? hs + (k - 1) * HS : h.data_ptr<float>();
-      const float* c_old = lstm ? (k ? cs + (k - 1) * HS : c.data_ptr<float>()) : nullptr;
-      advance(p, B, tok + k * B, h_old, c_old, hs + k * HS, lstm ? cs + k * HS : nullptr, ls + k * B * V);
+      const int64_t now = k % S, before = (k - 1) % S;  // slots of this step and the one before
+      const float* prev_logits = k ? ls + before * B * V : logits.data_ptr<float>();
+      at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+        std::vector<double> prob;
+        std::vector<int64_t> order;
+        for (int64_t b = b0; b < b1; ++b)
+          tok[k * B + b] = pick_row(prev_logits + b * V, V, u[k * B + b], temperature, top_k, top_p, prob, order);
+      });
+      const float* h_old = k ? hs + before * HS : h.data_ptr<float>();
+      const float* c_old = lstm ? (k ? cs + before * HS : c.data_ptr<float>()) : nullptr;
+      advance(p, B, tok + k * B, h_old, c_old, hs + now * HS, lstm ? cs + now * HS : nullptr, ls + now * B * V, scratch);
     }
   }
   return {tokens, logits_seq, h_seq, c_seq};
@@ -376,8 +574,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<int64_t, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>());
-  m.def("step", &step, "one fused step for B streams");
-  m.def("sample", &sample, "K sampled steps for B streams");
+  m.def("step", &step<Packed>, "one fused step for B streams");
+  m.def("sample", &sample<Packed>, "K sampled steps for B streams");
+#ifdef CHARRNN_AMX
+  pybind11::class_<TilePacked>(m, "TilePacked")
+      .def(pybind11::init<int64_t, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                          std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>());
+  m.def("step", &step<TilePacked>, "one step for B streams on AMX tiles");
+  m.def("sample", &sample<TilePacked>, "K sampled steps for B streams on AMX tiles");
+#endif
   m.def("pick", &pick, "one pick per row of logits");
   m.def("cell", &cell, "one layer's cell for a batch, from its gate products");
 }
