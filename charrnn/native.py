@@ -59,9 +59,10 @@ def load_kernel() -> ModuleType | None:
             extra_ldflags=["-fopenmp"],
         )
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, say why once
-        _failure = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        _failure = "; ".join(([line for line in lines if "error" in line.lower()] or lines or [type(error).__name__])[:3])
         warnings.warn(
-            f"charrnn's fused sampling kernel could not be built ({_failure}); sampling uses the slower torch "
+            f"charrnn's sampling kernel could not be built ({_failure}); sampling uses the slower torch "
             "step. Install a C++ compiler (g++ or clang) and ninja to get it.",
             stacklevel=2,
         )
