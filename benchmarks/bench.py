@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from charrnn.config import ModelConfig, TrainConfig  # noqa: E402
+from charrnn.data import load_corpus, split_tokens  # noqa: E402
 from charrnn.model import CharRNN  # noqa: E402
-from charrnn.sampling import Sampler  # noqa: E402
-from charrnn.stepper import Stepper  # noqa: E402
+from charrnn.sampling import Sampler, load  # noqa: E402
 from charrnn.tokenizer import CharTokenizer  # noqa: E402
 from charrnn.train import Trainer  # noqa: E402
 
@@ -174,6 +174,27 @@ def reference_sample(ref: Reference, streams: int, length: int, seed: int = 0) -
         return streams * length / (time.perf_counter() - start)
 
 
+def stepwise_logits(stepper, model: CharRNN, x: torch.Tensor) -> torch.Tensor:
+    hidden, out = model.init_hidden(x.size(0)), []
+    with torch.no_grad():
+        for t in range(x.size(1)):
+            logits, hidden = stepper.step(x[:, t], hidden)
+            out.append(logits)
+    return torch.stack(out, 1)
+
+
+def sampling_rate(sampler: Sampler, streams: int, length: int) -> float:
+    """chars/s of Sampler.generate (one stream) or generate_many, after a warm-up call."""
+    if streams == 1:
+        run = lambda n: sampler.generate("A", length=n, seed=0)  # noqa: E731
+    else:
+        run = lambda n: sampler.generate_many("A", streams, length=n, seed=0)  # noqa: E731
+    run(max(10, length // 10))
+    start = time.perf_counter()
+    run(length)
+    return streams * length / (time.perf_counter() - start)
+
+
 def bench_sampling(args) -> dict:
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(vocab_size=VOCAB, cell="lstm", n_layers=2, hidden_size=args.hidden, embedding_size=args.emb, dropout=0.0))
@@ -181,31 +202,27 @@ def bench_sampling(args) -> dict:
     tokenizer = CharTokenizer([chr(32 + i) for i in range(VOCAB - 1)])
     ref = Reference("lstm", VOCAB, args.emb, args.hidden, 2).eval()
     ref.load_state_dict(model.state_dict(), strict=False)
+    auto, exact = Sampler(model, tokenizer), Sampler(model, tokenizer, dtype=torch.float32)
 
-    # Correctness of the fast path: stepwise fp32 logits against the reference's, same weights and input.
+    # Correctness of each step: stepwise logits against the reference's, same weights and input.
     x = torch.randint(VOCAB, (4, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want, _ = ref(x)
-        stepper = Stepper(model, torch.float32)
-        hidden = model.init_hidden(4)
-        got = []
-        for t in range(x.size(1)):
-            logits, hidden = stepper.step(x[:, t], hidden)
-            got.append(logits)
-        max_diff = float((torch.stack(got, 1) - want).abs().max())
+        want = ref(x)[0]
+    steppers = {"float32": exact.stepper(1), "1 stream (auto)": auto.stepper(1), "64 streams (auto)": auto.stepper(64)}
+    diffs = {name: float((stepwise_logits(st, model, x) - want).abs().max()) for name, st in steppers.items()}
+    kinds = {name: f"{type(st).__name__} {str(st.dtype).replace('torch.', '')}" for name, st in steppers.items()}
 
-    sampler = Sampler(model, tokenizer)  # the default fast path
     n1, n64 = args.sample_chars, args.sample_chars_batch
-    sampler.generate("A", length=min(200, n1), seed=0)
-    start = time.perf_counter()
-    sampler.generate("A", length=n1, seed=0)
-    ours1 = n1 / (time.perf_counter() - start)
-    ref1 = reference_sample(ref, 1, max(50, n1 // 10))
-    start = time.perf_counter()
-    sampler.generate_many("A", 64, length=n64, seed=0)
-    ours64 = 64 * n64 / (time.perf_counter() - start)
-    ref64 = reference_sample(ref, 64, max(20, n64 // 4))
-    return {"ours1": ours1, "ref1": ref1, "ours64": ours64, "ref64": ref64, "logit_diff": max_diff, "dtype": f"{sampler.stepper(1).dtype} (1 stream), {sampler.stepper(64).dtype} (64)".replace("torch.", "")}
+    return {
+        "ours1": sampling_rate(auto, 1, n1),
+        "exact1": sampling_rate(exact, 1, n1 // 2),
+        "ref1": reference_sample(ref, 1, max(50, n1 // 10)),
+        "ours64": sampling_rate(auto, 64, n64),
+        "exact64": sampling_rate(exact, 64, n64 // 2),
+        "ref64": reference_sample(ref, 64, max(20, n64 // 4)),
+        "diffs": diffs,
+        "kinds": kinds,
+    }
 
 
 # --- 4: memory -------------------------------------------------------------------------------------
@@ -278,7 +295,15 @@ def bench_quality(seconds: int) -> dict:
     )
     wall = time.perf_counter() - start
     meta = json.loads((Path(out) / "best" / "config.json").read_text())
-    return {"val": meta["best_val_loss"], "wall": wall, "steps": meta["step"]}
+    # What each sampling precision costs: the validation split scored through the sampling step.
+    text = load_corpus("shakespeare")
+    val = text[len(split_tokens(np.arange(len(text)))[0]) :]
+    exact = load(Path(out) / "best", device="cpu")
+    stepped = {
+        precision: Sampler(exact.model, exact.tokenizer, dtype=precision, max_prompt_chars=len(val)).score(val, stepped=True)
+        for precision in ("float32", "int8", "bfloat16")
+    }
+    return {"val": meta["best_val_loss"], "wall": wall, "steps": meta["step"], "stepped": stepped}
 
 
 # --- 6: corpora larger than memory -----------------------------------------------------------
@@ -350,10 +375,13 @@ def main() -> None:
                   f"   ({r['dtype']} vs float32)")
 
         s = bench_sampling(args)
-        print(f"\n3. sampling, LSTM 2x{args.hidden} (charrnn {s['dtype']} fast path vs nn.LSTM per character)")
-        print(f"   1 stream:   {s['ours1']:>9,.0f} chars/s vs {s['ref1']:>8,.0f}  ({s['ours1'] / s['ref1']:.1f}x)")
-        print(f"   64 streams: {s['ours64']:>9,.0f} chars/s vs {s['ref64']:>8,.0f}  ({s['ours64'] / s['ref64']:.1f}x)")
-        print(f"   fp32 stepwise logits vs reference: max |diff| {s['logit_diff']:.2e}")
+        print(f"\n3. sampling, LSTM 2x{args.hidden}: charrnn's Sampler against nn.LSTM called per character")
+        print(f"   1 stream:   {s['ours1']:>9,.0f} chars/s vs {s['ref1']:>8,.0f}  ({s['ours1'] / s['ref1']:.1f}x)   "
+              f"[{s['kinds']['1 stream (auto)']}]; float32: {s['exact1']:,.0f} ({s['exact1'] / s['ref1']:.1f}x)")
+        print(f"   64 streams: {s['ours64']:>9,.0f} chars/s vs {s['ref64']:>8,.0f}  ({s['ours64'] / s['ref64']:.1f}x)   "
+              f"[{s['kinds']['64 streams (auto)']}]; float32: {s['exact64']:,.0f} ({s['exact64'] / s['ref64']:.1f}x)")
+        for name, diff in s["diffs"].items():
+            print(f"   stepwise logits vs reference, {name} [{s['kinds'][name]}]: max |diff| {diff:.2e}")
 
         m = bench_memory(args, corpus)
         print(f"\n4. memory added by the work (above python + torch): training {m['train']:.0f} MB anonymous; peak RSS sampling 1,000 chars "
@@ -371,6 +399,8 @@ def main() -> None:
         q = bench_quality(args.quality_seconds)
         print(f"\n5. quality: train.py --data shakespeare --max-time {args.quality_seconds}: best val "
               f"{q['val']:.4f} nats/char ({q['val'] / math.log(2):.3f} bpc) after {q['steps']} steps, {q['wall']:.0f} s wall")
+        print("   the validation split scored through the sampling step (16 segments, each from a fresh state): "
+              + ", ".join(f"{p} {v:.5f}" for p, v in q["stepped"].items()))
 
 
 if __name__ == "__main__":

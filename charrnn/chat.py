@@ -450,7 +450,7 @@ def _shown(text: str) -> str:
 
 
 def chat_parser() -> argparse.ArgumentParser:
-    from .cli import HelpFormatter
+    from .cli import HelpFormatter, add_runtime_options
 
     defaults = ChatTemplate()
     parser = argparse.ArgumentParser(
@@ -461,7 +461,7 @@ def chat_parser() -> argparse.ArgumentParser:
         epilog="In the template options, \\n means a newline and \\t a tab.",
     )
     parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: newest best under checkpoints/)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where to run")
+    add_runtime_options(parser)
     parser.add_argument("--length", type=int, default=300, help="maximum characters in a reply")
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 means greedy")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest characters only (0: off)")
@@ -588,7 +588,7 @@ def _chat_main(argv: list[str]) -> int:
     if args.stop:
         options["stop"] = tuple(_unescape(s) for s in args.stop)
     SampleConfig(**options)  # check the options before the (slower) model load
-    sampler = load(args.checkpoint, device=args.device)
+    sampler = load(args.checkpoint, device=args.device, dtype=args.precision)
     terminal = _Terminal(ChatSession(sampler, args.seed, template=template, preamble=preamble, **options))
     terminal.say(
         f"charrnn chat: you write as {_label(template.user_prefix, 'the user')!r}, the model answers as "

@@ -120,6 +120,18 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 # --- charrnn-sample ------------------------------------------------------------------------
 
 
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """--device and --precision, shared by the commands that sample."""
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where to run")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "int8"),
+        help="weights of a sampling step: auto takes int8 for one stream on a CPU and bfloat16 for batches "
+        "where the hardware has it; float32 is exact",
+    )
+
+
 def sample_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sample.py",
@@ -131,7 +143,7 @@ def sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest character (temperature 0)")
     parser.add_argument("--num-samples", type=int, default=1, help="samples to generate side by side")
     parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where to run")
+    add_runtime_options(parser)
     _add_fields(parser, SampleConfig, "sampling")
     return parser
 
@@ -152,7 +164,7 @@ def _sample_main(argv: list[str]) -> int:
         stop=tuple(args.stop),
     )
     SampleConfig(**options)  # check the options before the (slower) model load
-    sampler = load(args.checkpoint, device=args.device)
+    sampler = load(args.checkpoint, device=args.device, dtype=args.precision)
     out = sys.stdout
     if args.num_samples == 1:
         pieces = sampler.stream(args.prompt, **options)

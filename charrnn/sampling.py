@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 MAX_PROMPT_CHARS = 100_000
 MAX_SAMPLES = 4096  # streams sampled side by side in one call
 BATCH_STREAMS = 8  # from this many streams on, products run as batched matrix products
+PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 _PRIME_CHUNK = 2048
 _SAMPLE_CHUNK = 64  # characters sampled per call before the text is scanned for stop strings
 
@@ -164,13 +165,13 @@ class Sampler:
         model: CharRNN,
         tokenizer: CharTokenizer,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         max_prompt_chars: int = MAX_PROMPT_CHARS,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
-        self.dtype = dtype
+        self.dtype = _precision(dtype)
         self.max_prompt_chars = max_prompt_chars
         self._steppers: dict[tuple[str, torch.dtype], Stepper | NativeStepper | BatchedStepper] = {}
 
@@ -369,12 +370,29 @@ class Sampler:
         values, ids = torch.topk(probs, min(max(k, 1), probs.numel()))
         return [(self.tokenizer.decode((i,)), float(p)) for i, p in zip(ids.tolist(), values.tolist())]
 
-    def score(self, text: str) -> float:
-        """Mean nats per character of predicting each character of ``text`` from those before it."""
+    def score(self, text: str, stepped: bool = False, streams: int = 16) -> float:
+        """Mean nats per character of predicting each character of ``text`` from those before it.
+
+        By default the model reads the text in float32, as training measures it. With
+        ``stepped``, it is read one character at a time through the step that sampling
+        uses, at this sampler's ``dtype``, as ``streams`` segments side by side (each from
+        a fresh state; the last few characters that fill no segment are not scored): the
+        cost of a precision in nats is the difference of the two.
+        """
         ids = self.encode_prompt(text, allow_empty=False).cpu().numpy()
         if len(ids) < 2:
             raise PromptError("score needs at least two characters: the first one has nothing to be predicted from")
-        return evaluate(self.model, ids, self.device, columns=1)
+        if not stepped:
+            return evaluate(self.model, ids, self.device, columns=1)
+        streams = max(1, min(streams, (len(ids) - 1) // 2))
+        per = (len(ids) - 1) // streams
+        x = torch.from_numpy(np.stack([ids[i * per : i * per + per + 1] for i in range(streams)]).astype(np.int64)).to(self.device)
+        stepper, hidden, total = self.stepper(streams), self.model.init_hidden(streams), torch.zeros((), dtype=torch.float64)
+        with torch.no_grad():
+            for t in range(per):
+                logits, hidden = stepper.step(x[:, t], hidden)
+                total += torch.nn.functional.cross_entropy(logits, x[:, t + 1], reduction="sum").double().cpu()
+        return float(total) / (per * streams)
 
     def chat(self, seed: int | None = None, **options: Any) -> "ChatSession":
         """A new :class:`~charrnn.chat.ChatSession` over this model.
@@ -386,12 +404,27 @@ class Sampler:
         return ChatSession(self, seed=seed, **options)
 
 
+def _precision(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A sampling precision given as a dtype, a name from ``PRECISIONS``, or None (auto)."""
+    if isinstance(dtype, str):
+        if dtype not in PRECISIONS:
+            raise ConfigError(f"unknown precision {dtype!r}: choose one of {', '.join(PRECISIONS)}")
+        return PRECISIONS[dtype]
+    if dtype is not None and dtype not in PRECISIONS.values():
+        raise ConfigError(f"sampling runs in float32, bfloat16 or int8, not {dtype}")
+    return dtype
+
+
 def load(
     path: str | Path | None = None,
     device: str = "auto",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> Sampler:
-    """Load a checkpoint (default: the newest best under ``checkpoints/``) as a :class:`Sampler`."""
+    """Load a checkpoint (default: the newest best under ``checkpoints/``) as a :class:`Sampler`.
+
+    ``dtype`` is the precision of a sampling step (see :meth:`Sampler.stepper`): None or
+    "auto", or float32, bfloat16, int8 (as a torch dtype or its name).
+    """
     resolved = resolve_device(device)
     ckpt = load_checkpoint(path if path is not None else find_latest_checkpoint(), resolved)
     return Sampler(ckpt.model, ckpt.tokenizer, resolved, dtype)

@@ -335,7 +335,7 @@ def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    from .cli import HelpFormatter
+    from .cli import HelpFormatter, add_runtime_options
 
     parser = argparse.ArgumentParser(
         prog="charrnn-serve",
@@ -346,7 +346,7 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: newest best under checkpoints/)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind; anything but 127.0.0.1 opens the model to the network")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free port)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where to run")
+    add_runtime_options(parser)
     parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="most characters one request may ask for")
     parser.add_argument("--default-length", type=int, default=DEFAULT_LENGTH, help="characters when a request gives no length")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body accepted")
@@ -368,7 +368,7 @@ def _serve_main(argv: list[str]) -> int:
         max_concurrent=args.max_concurrent,
         quiet=args.quiet,
     )
-    sampler = load(args.checkpoint, device=args.device)
+    sampler = load(args.checkpoint, device=args.device, dtype=args.precision)
     try:
         server = make_server(sampler, args.host, args.port, **limits)
     except OSError as exc:

@@ -83,6 +83,16 @@ def test_sample_prints_prompt_and_length_characters_deterministically(cli_run, s
     assert second.stdout == text
 
 
+@pytest.mark.parametrize("precision", ["float32", "int8", "bfloat16"])
+def test_sample_runs_at_each_precision(cli_run, subprocess_env, precision):
+    _, out, work = cli_run
+    args = [SAMPLE, "--checkpoint", str(out), "--prompt", "ab", "--length", "30", "--seed", "3", "--device", "cpu", "--num-samples", "9", "--precision", precision]
+    proc = run(args, subprocess_env, cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    samples = proc.stdout.split("--- sample ")[1:]
+    assert len(samples) == 9 and all(len(s.split("\n", 1)[1]) == len("ab") + 30 + 1 for s in samples)
+
+
 def _assert_one_line_error(proc, *fragments):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr

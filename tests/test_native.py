@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import charrnn
+
 from charrnn import ConfigError
 from charrnn import native
 from charrnn.model import CharRNN
@@ -166,3 +168,15 @@ def test_the_kernel_can_be_turned_off(monkeypatch):
     assert load_kernel() is None
     sampler = Sampler(model("lstm"), CharTokenizer([chr(97 + i) for i in range(22)]))
     assert type(sampler.stepper(1)).__name__ == "Stepper"
+
+
+def test_lower_precisions_cost_almost_nothing_in_validation_loss(trained_run, corpus_file):
+    """Scored through the sampling step, int8 and bfloat16 weights stay within 0.01 nats of float32."""
+    text = corpus_file.read_text(encoding="utf-8")
+    val = text[int(len(text) * 0.9) :]
+    exact = charrnn.load(trained_run.best, device="cpu", dtype="float32")
+    reference = exact.score(val, stepped=True)
+    assert abs(reference - exact.score(val)) < 0.05  # fresh states per segment cost a little context
+    for precision in ("int8", "bfloat16"):
+        sampler = charrnn.Sampler(exact.model, exact.tokenizer, dtype=precision)
+        assert abs(sampler.score(val, stepped=True) - reference) < 0.01, precision
