@@ -3,7 +3,7 @@
 ``NativeStepper`` has the same ``step(tokens, hidden)`` as :class:`~charrnn.stepper.Stepper`
 and is what one or a few streams sample with on a CPU. The kernel is compiled on first
 use with the machine's own instruction set (about 30 s, cached under
-``~/.cache/torch_extensions``); when no compiler is found, ``load_kernel`` says why and
+``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``); when no compiler is found, ``load_kernel`` says why and
 the torch step is used instead.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 from collections.abc import Callable
@@ -51,13 +52,13 @@ def load_kernel() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
+        name = f"charrnn_step_{_cpu_signature()}"
+        build = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions")) / name
+        build.mkdir(parents=True, exist_ok=True)
+        if not any(build.glob("*.so")):
+            print("charrnn: compiling the sampling kernel for this CPU (once; about 30 s)", file=sys.stderr, flush=True)
         flags = ["-O3", "-fopenmp", "-ffast-math"] + (["-march=native", "-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"])
-        _kernel = load(
-            name=f"charrnn_step_{_cpu_signature()}",
-            sources=[str(SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-        )
+        _kernel = load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(build))
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, say why once
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         _failure = "; ".join(([line for line in lines if "error" in line.lower()] or lines or [type(error).__name__])[:3])

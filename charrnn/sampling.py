@@ -72,7 +72,8 @@ def pick_next(logits: torch.Tensor, config: SampleConfig, uniforms: torch.Tensor
     """
     if config.greedy:
         return logits.argmax(dim=-1)
-    logits = apply_top_p(apply_top_k(logits.double() / config.temperature, config.top_k), config.top_p)
+    wide = torch.float32 if logits.device.type == "mps" else torch.float64  # MPS has no float64
+    logits = apply_top_p(apply_top_k(logits.to(wide) / config.temperature, config.top_k), config.top_p)
     probs = torch.softmax(logits, dim=-1)
     cdf = torch.cumsum(probs, dim=-1)
     picked = (cdf <= uniforms.to(cdf)[:, None] * cdf[:, -1:]).sum(dim=-1)
@@ -174,6 +175,8 @@ class Sampler:
         self.dtype = _precision(dtype)
         self.max_prompt_chars = max_prompt_chars
         self._steppers: dict[tuple[str, torch.dtype], Stepper | NativeStepper | BatchedStepper] = {}
+        if self.device.type == "cpu":
+            load_kernel()  # built now (once per machine), not in the middle of the first reply
 
     def stepper(self, streams: int = 1) -> Stepper | NativeStepper | BatchedStepper:
         """The step function for ``streams`` parallel streams, chosen by ``dtype``.

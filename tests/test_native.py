@@ -155,9 +155,9 @@ def test_without_a_compiler_sampling_falls_back_to_torch_with_one_warning(monkey
     monkeypatch.setattr(native, "_failure", None)
     monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
     m = model("gru")
-    sampler = Sampler(m, CharTokenizer([chr(97 + i) for i in range(22)]))
     with pytest.warns(UserWarning, match="could not be built .*g\\+\\+: command not found.*Install a C\\+\\+ compiler"):
-        text = sampler.generate("abc", length=30, seed=1)
+        sampler = Sampler(m, CharTokenizer([chr(97 + i) for i in range(22)]))
+    text = sampler.generate("abc", length=30, seed=1)
     assert len(text) == 30 and sampler.generate("abc", length=30, seed=1) == text
     with pytest.raises(ConfigError, match="int8 sampling runs on charrnn's CPU kernel, which is not available"):
         Sampler(m, sampler.tokenizer, dtype=torch.int8).generate("abc", length=3)
