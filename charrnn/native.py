@@ -1,10 +1,15 @@
-"""The fused C++ step (``csrc/step.cpp``): built once per machine, then loaded from cache.
+"""charrnn's compiled sampling kernel (``csrc/step.cpp``) and the steppers built on it.
 
-``NativeStepper`` has the same ``step(tokens, hidden)`` as :class:`~charrnn.stepper.Stepper`
-and is what one or a few streams sample with on a CPU. The kernel is compiled on first
-use with the machine's own instruction set (about 30 s, cached under
-``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``); when no compiler is found, ``load_kernel`` says why and
-the torch step is used instead.
+- :class:`NativeStepper` runs a whole sampling loop in one call of the kernel: over
+  float32 or int8 weight rows (one or a few streams), or over AMX tiles (batches).
+- :class:`BatchedStepper` is for batches on CPUs without AMX: oneDNN products on weights
+  packed once, each layer's cell and the sampling picks in the kernel.
+
+Both have the ``step(tokens, hidden)`` of :class:`~charrnn.stepper.Stepper`, and a
+``sample`` that draws K characters. The kernel is compiled on first use for the
+machine's own instruction set (about 30 s, cached under ``~/.cache/torch_extensions``
+or ``$TORCH_EXTENSIONS_DIR``); where it cannot be built, ``load_kernel`` says why once
+and sampling runs on the torch ops of ``charrnn.stepper``.
 """
 
 from __future__ import annotations
@@ -15,16 +20,14 @@ import platform
 import sys
 import warnings
 from pathlib import Path
-from collections.abc import Callable
 from types import ModuleType
 
 import torch
 
 from .model import CharRNN, Hidden
-from .stepper import GATES
+from .stepper import GATES, StateAfter, run_steps
 
 SOURCE = Path(__file__).parent / "csrc" / "step.cpp"
-StateAfter = Callable[[int], tuple[torch.Tensor, Hidden]]  # j -> logits and hidden right after token j
 CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 _kernel: ModuleType | None = None
 _failure: str | None = None
@@ -71,8 +74,8 @@ def load_kernel() -> ModuleType | None:
 
 
 def has_tiles(kernel: ModuleType | None) -> bool:
-    """True where the kernel was built with AMX tiles (and so the CPU has them)."""
-    return kernel is not None and hasattr(kernel, "TilePacked")
+    """True where the kernel was built with AMX tiles (the CPU has them) and the OS lets us use them."""
+    return kernel is not None and hasattr(kernel, "TilePacked") and kernel.tiles_usable()
 
 
 def _unit_major(w: torch.Tensor, gates: int) -> torch.Tensor:
@@ -237,7 +240,10 @@ class BatchedStepper:
         # bfloat16 products take the layer below's output as the cell wrote it, in bfloat16.
         x = torch.empty(h.shape[1:], dtype=torch.bfloat16) if self.dtype == torch.bfloat16 else torch.empty(0)
         for layer, (x_product, h_product) in enumerate(zip(self.x_products, self.h_products)):
-            gx, rows = (self.table0, tokens.contiguous()) if layer == 0 else (x_product(x if x.numel() else h_out[layer - 1]), self.no_tokens)
+            if layer == 0:  # the kernel gathers layer 0's input products from the table by token
+                gx, rows = self.table0, tokens.contiguous()
+            else:
+                gx, rows = x_product(x if x.numel() else h_out[layer - 1]), self.no_tokens
             self.kernel.cell(CELLS[self.cell], gx, h_product(h[layer]), h, c, layer, h_out, c_out, rows, x)
         x = x if x.numel() else h_out[-1]
         logits = self.head(x).float()
@@ -247,10 +253,8 @@ class BatchedStepper:
         self, logits: torch.Tensor, hidden: Hidden, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float, every_state: bool = True
     ) -> tuple[torch.Tensor, StateAfter]:
         """As :meth:`NativeStepper.sample`; the loop runs here, each pick in the kernel."""
-        tokens, states = [], []
-        for u in uniforms:
-            token = self.kernel.pick(logits.float().contiguous(), u.contiguous(), temperature, top_k, top_p)
-            logits, hidden = self.step(token, hidden)
-            tokens.append(token)
-            states.append((logits, hidden))
-        return torch.stack(tokens), states.__getitem__
+
+        def pick(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            return self.kernel.pick(logits.float().contiguous(), u.contiguous(), temperature, top_k, top_p)
+
+        return run_steps(self.step, pick, logits, hidden, uniforms, every_state)

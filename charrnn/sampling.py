@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +24,8 @@ from .device import cpu_has_fast_bf16, resolve_device
 from .errors import ConfigError, PromptError
 from .evaluation import evaluate
 from .model import CharRNN, Hidden
-from .native import BatchedStepper, NativeStepper, StateAfter, has_tiles, load_kernel
-from .stepper import Stepper
+from .native import BatchedStepper, NativeStepper, has_tiles, load_kernel
+from .stepper import StateAfter, Stepper, run_steps
 from .tokenizer import CharTokenizer
 
 if TYPE_CHECKING:
@@ -99,13 +99,7 @@ def sample_steps(
     if not isinstance(stepper, Stepper):  # the kernel's steppers pick in the kernel
         temperature = 0.0 if config.greedy else config.temperature
         return stepper.sample(logits, hidden, uniforms, temperature, config.top_k, config.top_p, every_state)
-    tokens, states = [], []
-    for u in uniforms:
-        token = pick_next(logits, config, u)
-        logits, hidden = stepper.step(token, hidden)
-        tokens.append(token)
-        states.append((logits, hidden))
-    return torch.stack(tokens), states.__getitem__
+    return run_steps(stepper.step, lambda logits, u: pick_next(logits, config, u), logits, hidden, uniforms, every_state)
 
 
 def new_generator(seed: int | None) -> torch.Generator:

@@ -16,11 +16,45 @@ states to rewind to, and threads may share one Stepper.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .model import CharRNN, Hidden
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+StateAfter = Callable[[int], tuple[torch.Tensor, Hidden]]  # j -> logits and hidden right after token j
+
+
+def run_steps(
+    step: Callable[[torch.Tensor, Hidden], tuple[torch.Tensor, Hidden]],
+    pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    logits: torch.Tensor,
+    hidden: Hidden,
+    uniforms: torch.Tensor,
+    every_state: bool = True,
+) -> tuple[torch.Tensor, StateAfter]:
+    """K characters for B streams, one Python iteration each: token k = pick(logits, uniforms[k]),
+    then a step. Returns the tokens (K, B) and ``state(j)``, the logits and hidden state
+    right after token j; without ``every_state`` only the last is kept (j = K - 1).
+    """
+    tokens, states = [], []
+    for u in uniforms:
+        token = pick(logits, u)
+        logits, hidden = step(token, hidden)
+        tokens.append(token)
+        if every_state:
+            states.append((logits, hidden))
+        else:
+            states = [(logits, hidden)]
+    last = len(tokens) - 1
+
+    def state(j: int) -> tuple[torch.Tensor, Hidden]:
+        if not every_state and j != last:
+            raise IndexError("only the state after the last token was kept")
+        return states[j if every_state else 0]
+
+    return torch.stack(tokens), state
 
 
 class Stepper:

@@ -7,13 +7,11 @@ import pytest
 import torch
 
 import charrnn
-
-from charrnn import ConfigError
-from charrnn import native
+from charrnn import ConfigError, native
+from charrnn.config import SampleConfig
 from charrnn.model import CharRNN
 from charrnn.native import BatchedStepper, NativeStepper, has_tiles, load_kernel
 from charrnn.sampling import Sampler, pick_next
-from charrnn.config import SampleConfig
 from charrnn.tokenizer import CharTokenizer
 
 from conftest import tiny_model_config
@@ -131,6 +129,13 @@ def test_kernel_picks_follow_the_probabilities(kernel):
     picks = torch.stack([kernel.pick(logits, u[None], 1.0, 0, 1.0) for u in uniforms])
     counts = torch.bincount(picks.flatten(), minlength=5).double() / n
     torch.testing.assert_close(counts, torch.softmax(logits[0].double(), 0), rtol=0, atol=1e-3)
+
+
+def test_the_kernel_refuses_token_ids_outside_the_vocabulary(kernel):
+    m = model("lstm")
+    stepper = NativeStepper(m, "int8", kernel)
+    with pytest.raises(RuntimeError, match=r"token ids must be in \[0, 23\)"):
+        stepper.step(torch.tensor([3, 23]), m.init_hidden(2))
 
 
 def test_sampling_in_the_kernel_equals_stepping_and_picking(kernel):

@@ -1,4 +1,5 @@
-// One character for B streams through a CharRNN, fused into a single call.
+// charrnn's sampling kernel: whole sampling loops for a CharRNN in one call (see
+// charrnn/native.py, which packs the weights and builds this file on first use).
 //
 // Why a kernel of our own: sampling one stream is bound by reading the weights once per
 // character, and by the cost of launching a dozen small torch ops per layer. Here a step
@@ -7,19 +8,21 @@
 // cache from one character to the next; the gates of a unit sit in adjacent rows, so the
 // cell's arithmetic runs right after its products, with no pass over a gates tensor.
 //
-// Weights come in two kinds (the same code, templated):
+// Rows of weights come in two kinds (the same code, templated):
 //   float  - exact: products in fp32, as torch does them (within 1e-5 of nn.LSTM).
 //   int8_t - each row quantized with its own scale (absmax / 127); the activations are
 //            quantized per vector to int16, so the products are integer dot products
-//            (vpdpwssd / vpmaddwd on x86, smlal on ARM) accumulated in int32.
+//            (vpdpwssd / vpmaddwd on x86) accumulated in int32.
+// Batches of streams run on AMX tiles where the CPU has them (the section "many streams").
+// The sampling rule (pick_row) is the one charrnn.sampling.pick_next applies with torch.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <functional>
-#include <numeric>
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <numeric>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -462,6 +465,10 @@ at::Tensor hidden_like(const at::Tensor& h, int64_t steps) {
 template <typename P>
 std::vector<at::Tensor> step(const P& p, const at::Tensor& tokens, const at::Tensor& h, const at::Tensor& c) {
   const int64_t B = h.size(1);
+  TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous() && tokens.numel() == B,
+              "tokens must be B contiguous int64 ids");
+  TORCH_CHECK(B == 0 || (tokens.min().item<int64_t>() >= 0 && tokens.max().item<int64_t>() < p.vocab()),
+              "token ids must be in [0, ", p.vocab(), ")");
   at::Tensor logits = at::empty({B, p.vocab()}, h.options());
   at::Tensor h_new = at::empty_like(h);
   at::Tensor c_new = p.cell == LSTM ? at::empty_like(c) : at::empty({0}, h.options());
@@ -487,6 +494,9 @@ std::vector<at::Tensor> sample(const P& p, const at::Tensor& logits, const at::T
                                bool every_state) {
   const int64_t K = uniforms.size(0), B = h.size(1), V = p.vocab(), HS = h.numel();
   const bool lstm = p.cell == LSTM;
+  TORCH_CHECK(logits.size(0) == B && logits.size(1) == V && uniforms.scalar_type() == at::kDouble &&
+                  uniforms.dim() == 2 && uniforms.size(1) == B,
+              "sample wants logits (B, V) and float64 uniforms (K, B)");
   at::Tensor tokens = at::empty({K, B}, uniforms.options().dtype(at::kLong));
   const int64_t S = every_state ? K : 2;
   at::Tensor logits_seq = at::empty({S, B, V}, h.options());
@@ -582,6 +592,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>());
   m.def("step", &step<TilePacked>, "one step for B streams on AMX tiles");
   m.def("sample", &sample<TilePacked>, "K sampled steps for B streams on AMX tiles");
+  m.def("tiles_usable", &amx_permitted, "whether the OS lets this process use AMX tiles");
 #endif
   m.def("pick", &pick, "one pick per row of logits");
   m.def("cell", &cell, "one layer's cell for a batch, from its gate products");
