@@ -18,6 +18,7 @@ import hashlib
 import os
 import platform
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -58,6 +59,7 @@ def load_kernel() -> ModuleType | None:
         name = f"charrnn_step_{_cpu_signature()}"
         build = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions")) / name
         build.mkdir(parents=True, exist_ok=True)
+        _remove_stale_lock(build / "lock")
         if not any(build.glob("*.so")):
             print("charrnn: compiling the sampling kernel for this CPU (once; about 30 s)", file=sys.stderr, flush=True)
         flags = ["-O3", "-fopenmp", "-ffast-math"] + (["-march=native", "-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"])
@@ -71,6 +73,21 @@ def load_kernel() -> ModuleType | None:
             stacklevel=2,
         )
     return _kernel
+
+
+def _remove_stale_lock(lock: Path, older_than: float = 600.0) -> None:
+    """Remove torch's build lock when no build can still hold it.
+
+    torch waits, without end, for the lock file of a build in progress; a build killed
+    outright (SIGKILL, a power cut) leaves it behind, and every later start would hang.
+    A build takes well under a minute, so a lock ten minutes old is left over.
+    """
+    try:
+        if time.time() - lock.stat().st_mtime > older_than:
+            lock.unlink()
+            print(f"charrnn: removed a stale build lock {lock}", file=sys.stderr, flush=True)
+    except FileNotFoundError:
+        pass
 
 
 def has_tiles(kernel: ModuleType | None) -> bool:

@@ -3,6 +3,9 @@ against the torch path's sampling rule."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -166,6 +169,34 @@ def test_without_a_compiler_sampling_falls_back_to_torch_with_one_warning(monkey
     assert len(text) == 30 and sampler.generate("abc", length=30, seed=1) == text
     with pytest.raises(ConfigError, match="int8 sampling runs on charrnn's CPU kernel, which is not available"):
         Sampler(m, sampler.tokenizer, dtype=torch.int8).generate("abc", length=3)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_not_waited_on(monkeypatch, tmp_path, capsys):
+    """torch waits for its build lock forever; one left by a killed build must not hang sampling."""
+    monkeypatch.setattr(native, "_kernel", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build = tmp_path / f"charrnn_step_{native._cpu_signature()}"
+    build.mkdir()
+    lock = build / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    loaded = object()
+
+    def fake_load(**kwargs):
+        assert not lock.exists(), "the stale lock must be gone before torch looks for it"
+        return loaded
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", fake_load)
+    assert native.load_kernel() is loaded
+    assert "removed a stale build lock" in capsys.readouterr().err
+
+
+def test_a_fresh_build_lock_is_left_to_its_build(tmp_path):
+    lock = tmp_path / "lock"
+    lock.touch()
+    native._remove_stale_lock(lock)
+    assert lock.exists()
 
 
 def test_the_kernel_can_be_turned_off(monkeypatch):
