@@ -14,14 +14,20 @@ and sampling runs on the torch ops of ``charrnn.stepper``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import sys
-import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 
@@ -59,11 +65,11 @@ def load_kernel() -> ModuleType | None:
         name = f"charrnn_step_{_cpu_signature()}"
         build = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions")) / name
         build.mkdir(parents=True, exist_ok=True)
-        _remove_stale_lock(build / "lock")
-        if not any(build.glob("*.so")):
-            print("charrnn: compiling the sampling kernel for this CPU (once; about 30 s)", file=sys.stderr, flush=True)
         flags = ["-O3", "-fopenmp", "-ffast-math"] + (["-march=native", "-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"])
-        _kernel = load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(build))
+        with _build_lock(build):
+            if not any(build.glob("*.so")):
+                print("charrnn: compiling the sampling kernel for this CPU (once; about 30 s)", file=sys.stderr, flush=True)
+            _kernel = load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(build))
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, say why once
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         _failure = "; ".join(([line for line in lines if "error" in line.lower()] or lines or [type(error).__name__])[:3])
@@ -75,19 +81,28 @@ def load_kernel() -> ModuleType | None:
     return _kernel
 
 
-def _remove_stale_lock(lock: Path, older_than: float = 600.0) -> None:
-    """Remove torch's build lock when no build can still hold it.
+@contextlib.contextmanager
+def _build_lock(build: Path) -> Iterator[None]:
+    """Hold charrnn's own lock on the build folder, and clear torch's if a killed build left it.
 
-    torch waits, without end, for the lock file of a build in progress; a build killed
-    outright (SIGKILL, a power cut) leaves it behind, and every later start would hang.
-    A build takes well under a minute, so a lock ten minutes old is left over.
+    torch waits without end for its lock file (``lock``) while another process builds,
+    and a build killed outright leaves the file behind, so every later start would hang.
+    Every charrnn process takes this lock first, and the OS releases it when its holder
+    dies: whoever holds it knows that no build is running, and that a ``lock`` file is stale.
     """
-    try:
-        if time.time() - lock.stat().st_mtime > older_than:
-            lock.unlink()
-            print(f"charrnn: removed a stale build lock {lock}", file=sys.stderr, flush=True)
-    except FileNotFoundError:
-        pass
+    if fcntl is None:  # Windows: no flock, and torch's own lock is all there is
+        yield
+        return
+    with open(build / "charrnn.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            stale.unlink()
+            print(f"charrnn: removed the lock of a build that was killed: {stale}", file=sys.stderr, flush=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def has_tiles(kernel: ModuleType | None) -> bool:
@@ -156,12 +171,13 @@ class NativeStepper:
             return
         G, empty = GATES[cfg.cell], torch.empty(0)
 
-        def rows(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """Rows of a layer matrix in unit-major order; int8 with scales, or float32 and no scales."""
-            m = _unit_major(m, G) if m.numel() and m.shape[0] == G * cfg.hidden_size else m
+        def rows(m: torch.Tensor, gates: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Rows in unit-major order (for ``gates`` rows per unit); int8 with scales, or float32 and no scales."""
+            m = _unit_major(m, gates) if m.numel() else m
             return quantize_rows(m) if weights == "int8" and m.numel() else (m, empty)
 
-        x, h, head = [rows(m) for m in w.w_x], [rows(m) for m in w.w_h], rows(w.w_o)
+        x, h = [rows(m, G) for m in w.w_x], [rows(m, G) for m in w.w_h]
+        head = rows(w.w_o, 1)  # one row per character: the order stays
         self.packed = kernel.Packed(
             cell, _unit_major(w.table0.T, G).T.contiguous(),
             [m for m, _ in x], [s for _, s in x], [_unit_major(b, G) if b.numel() else b for b in w.b_x],

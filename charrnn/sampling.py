@@ -54,7 +54,7 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of likeliest characters whose probability reaches p."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # ties: as the kernel
     probs = torch.softmax(sorted_logits, dim=-1)
     # Drop a character if the ones before it already reach p; the first always stays.
     drop = (torch.cumsum(probs, dim=-1) - probs) >= p
@@ -96,9 +96,8 @@ def sample_steps(
     token j, so a caller can stop after any of them. Without ``every_state`` only the
     state after the last token need be kept.
     """
-    if not isinstance(stepper, Stepper):  # the kernel's steppers pick in the kernel
-        temperature = 0.0 if config.greedy else config.temperature
-        return stepper.sample(logits, hidden, uniforms, temperature, config.top_k, config.top_p, every_state)
+    if not isinstance(stepper, Stepper):  # the kernel's steppers pick in the kernel (temperature 0: greedy)
+        return stepper.sample(logits, hidden, uniforms, config.temperature, config.top_k, config.top_p, every_state)
     return run_steps(stepper.step, lambda logits, u: pick_next(logits, config, u), logits, hidden, uniforms, every_state)
 
 
@@ -256,6 +255,26 @@ class Sampler:
 
     # -- the generation loop ------------------------------------------------------------
     @torch.no_grad()
+    def _chunks(
+        self,
+        stepper: Stepper | NativeStepper | BatchedStepper,
+        logits: torch.Tensor,
+        hidden: Hidden,
+        config: SampleConfig,
+        generator: torch.Generator,
+        every_state: bool,
+    ) -> Iterator[tuple[torch.Tensor, StateAfter]]:
+        """``config.length`` characters for len(logits) streams, as (tokens, state) chunks of
+        ``sample_steps``; the uniforms come from ``generator`` in order, so the text does
+        not depend on the chunk size."""
+        for produced in range(0, config.length, _SAMPLE_CHUNK):
+            count = min(_SAMPLE_CHUNK, config.length - produced)
+            uniforms = torch.rand(count, logits.size(0), generator=generator, dtype=torch.float64)
+            tokens, state = sample_steps(stepper, logits, hidden, config, uniforms, every_state)
+            logits, hidden = state(count - 1)
+            yield tokens, state
+
+    @torch.no_grad()
     def _run(
         self,
         logits: torch.Tensor,
@@ -278,16 +297,10 @@ class Sampler:
         start = (logits, hidden)
         history: deque = deque([lambda: start], maxlen=max((len(s) for s in config.stop), default=0) + 1)
         decode = self.tokenizer.decode
-        produced = 0
         try:
-            while produced < config.length and active:
-                count = min(_SAMPLE_CHUNK, config.length - produced)
-                uniforms = torch.rand(count, streams, generator=generator, dtype=torch.float64)
-                # Rewinding into the chunk is only needed to leave a chat where its text ended.
-                tokens, state = sample_steps(stepper, logits, hidden, config, uniforms, every_state=end is not None)
-                logits, hidden = state(count - 1)
+            # Rewinding into a chunk is only needed to leave a chat where its text ended.
+            for tokens, state in self._chunks(stepper, logits, hidden, config, generator, every_state=end is not None):
                 for j, ids in enumerate(tokens.tolist()):
-                    produced += 1
                     if end is not None:
                         history.append(lambda j=j, state=state: state(j))
                     for i in sorted(active):
@@ -344,14 +357,8 @@ class Sampler:
         if not config.stop:
             # Nothing to watch for: keep the ids as tensors and decode once at the end, instead
             # of handing out num_samples Python strings per character.
-            stepper, chunks = self.stepper(num_samples), []
-            with torch.no_grad():
-                for produced in range(0, config.length, _SAMPLE_CHUNK):
-                    count = min(_SAMPLE_CHUNK, config.length - produced)
-                    uniforms = torch.rand(count, num_samples, generator=generator, dtype=torch.float64)
-                    tokens, state = sample_steps(stepper, logits, hidden, config, uniforms, every_state=False)
-                    logits, hidden = state(count - 1)
-                    chunks.append(tokens)
+            stepper = self.stepper(num_samples)
+            chunks = [tokens for tokens, _ in self._chunks(stepper, logits, hidden, config, generator, every_state=False)]
             rows = torch.cat(chunks).T.tolist() if chunks else [[] for _ in range(num_samples)]
             return [self.tokenizer.decode(row) for row in rows]
         texts = [""] * num_samples
@@ -371,10 +378,11 @@ class Sampler:
         """Mean nats per character of predicting each character of ``text`` from those before it.
 
         By default the model reads the text in float32, as training measures it. With
-        ``stepped``, it is read one character at a time through the step that sampling
-        uses, at this sampler's ``dtype``, as ``streams`` segments side by side (each from
-        a fresh state; the last few characters that fill no segment are not scored): the
-        cost of a precision in nats is the difference of the two.
+        ``stepped``, it is read one character at a time as ``streams`` segments side by
+        side (each from a fresh state; the last few characters that fill no segment are
+        not scored), through the step that sampling ``streams`` streams at once uses: the
+        cost of a precision in nats is the difference of the two. With ``dtype`` auto,
+        that step is the batch one; give ``dtype`` to measure a particular precision.
         """
         ids = self.encode_prompt(text, allow_empty=False).cpu().numpy()
         if len(ids) < 2:

@@ -178,7 +178,7 @@ struct Packed {
       : cell(cell), G(cell == LSTM ? 4 : cell == GRU ? 3 : 1), table0(table0), w_o(w_o), s_o(s_o), b_o(b_o),
         w_x(w_x), s_x(s_x), b_x(b_x), w_h(w_h), s_h(s_h), b_h(b_h) {}
 
-  struct Scratch {  // the fused step keeps its buffers per thread
+  struct Scratch {  // none: each thread's buffers live in its parallel section
     Scratch(const Packed&, int64_t) {}
   };
   int64_t layers() const { return static_cast<int64_t>(w_h.size()); }
@@ -351,6 +351,8 @@ struct TilePacked {
       h.emplace_back(w_h[l], b_h[l]);
     }
   }
+  int64_t layers() const { return static_cast<int64_t>(h.size()); }
+  int64_t hidden() const { return H; }
   int64_t vocab() const { return V; }
 };
 
@@ -457,6 +459,34 @@ int64_t pick_row(const float* logits, int64_t V, double u, double temperature, i
   return last;  // rounding left target at the very top
 }
 
+// What the public entry points take from Python, checked: a wrong shape or id would
+// otherwise read out of bounds.
+void check_tokens(const at::Tensor& tokens, int64_t B, int64_t vocab) {
+  TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous() && tokens.numel() == B,
+              "tokens must be B contiguous int64 ids");
+  TORCH_CHECK(B == 0 || (tokens.min().item<int64_t>() >= 0 && tokens.max().item<int64_t>() < vocab),
+              "token ids must be in [0, ", vocab, ")");
+}
+
+void check_state(const at::Tensor& h, const at::Tensor& c, int64_t cell, int64_t layers, int64_t hidden) {
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.dim() == 3 && h.size(0) == layers &&
+                  h.size(2) == hidden,
+              "the hidden state must be contiguous float32 (", layers, ", B, ", hidden, ")");
+  TORCH_CHECK(cell != LSTM || (c.sizes() == h.sizes() && c.scalar_type() == at::kFloat && c.is_contiguous()),
+              "the LSTM cell state must match the hidden state");
+}
+
+// pick_row for each of B rows of logits (B, V), one uniform each, into out.
+void pick_rows(const float* logits, int64_t B, int64_t V, const double* uniforms, double temperature, int64_t top_k,
+               double top_p, int64_t* out) {
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<double> prob;
+    std::vector<int64_t> order;
+    for (int64_t b = b0; b < b1; ++b)
+      out[b] = pick_row(logits + b * V, V, uniforms[b], temperature, top_k, top_p, prob, order);
+  });
+}
+
 at::Tensor hidden_like(const at::Tensor& h, int64_t steps) {
   return at::empty({steps, h.size(0), h.size(1), h.size(2)}, h.options());
 }
@@ -465,10 +495,8 @@ at::Tensor hidden_like(const at::Tensor& h, int64_t steps) {
 template <typename P>
 std::vector<at::Tensor> step(const P& p, const at::Tensor& tokens, const at::Tensor& h, const at::Tensor& c) {
   const int64_t B = h.size(1);
-  TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous() && tokens.numel() == B,
-              "tokens must be B contiguous int64 ids");
-  TORCH_CHECK(B == 0 || (tokens.min().item<int64_t>() >= 0 && tokens.max().item<int64_t>() < p.vocab()),
-              "token ids must be in [0, ", p.vocab(), ")");
+  check_tokens(tokens, B, p.vocab());
+  check_state(h, c, p.cell, p.layers(), p.hidden());
   at::Tensor logits = at::empty({B, p.vocab()}, h.options());
   at::Tensor h_new = at::empty_like(h);
   at::Tensor c_new = p.cell == LSTM ? at::empty_like(c) : at::empty({0}, h.options());
@@ -494,9 +522,11 @@ std::vector<at::Tensor> sample(const P& p, const at::Tensor& logits, const at::T
                                bool every_state) {
   const int64_t K = uniforms.size(0), B = h.size(1), V = p.vocab(), HS = h.numel();
   const bool lstm = p.cell == LSTM;
-  TORCH_CHECK(logits.size(0) == B && logits.size(1) == V && uniforms.scalar_type() == at::kDouble &&
-                  uniforms.dim() == 2 && uniforms.size(1) == B,
-              "sample wants logits (B, V) and float64 uniforms (K, B)");
+  check_state(h, c, p.cell, p.layers(), p.hidden());
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.dim() == 2 &&
+                  logits.size(0) == B && logits.size(1) == V && uniforms.scalar_type() == at::kDouble &&
+                  uniforms.is_contiguous() && uniforms.dim() == 2 && uniforms.size(1) == B,
+              "sample wants float32 logits (B, V) and float64 uniforms (K, B)");
   at::Tensor tokens = at::empty({K, B}, uniforms.options().dtype(at::kLong));
   const int64_t S = every_state ? K : 2;
   at::Tensor logits_seq = at::empty({S, B, V}, h.options());
@@ -511,12 +541,7 @@ std::vector<at::Tensor> sample(const P& p, const at::Tensor& logits, const at::T
     for (int64_t k = 0; k < K; ++k) {
       const int64_t now = k % S, before = (k - 1) % S;  // slots of this step and the one before
       const float* prev_logits = k ? ls + before * B * V : logits.data_ptr<float>();
-      at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-        std::vector<double> prob;
-        std::vector<int64_t> order;
-        for (int64_t b = b0; b < b1; ++b)
-          tok[k * B + b] = pick_row(prev_logits + b * V, V, u[k * B + b], temperature, top_k, top_p, prob, order);
-      });
+      pick_rows(prev_logits, B, V, u + k * B, temperature, top_k, top_p, tok + k * B);
       const float* h_old = k ? hs + before * HS : h.data_ptr<float>();
       const float* c_old = lstm ? (k ? cs + before * HS : c.data_ptr<float>()) : nullptr;
       advance(p, B, tok + k * B, h_old, c_old, hs + now * HS, lstm ? cs + now * HS : nullptr, ls + now * B * V, scratch);
@@ -529,16 +554,15 @@ std::vector<at::Tensor> sample(const P& p, const at::Tensor& logits, const at::T
 at::Tensor pick(const at::Tensor& logits, const at::Tensor& uniforms, double temperature, int64_t top_k,
                 double top_p) {
   const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.dim() == 2 &&
+                  uniforms.scalar_type() == at::kDouble && uniforms.is_contiguous() && uniforms.numel() == B,
+              "pick wants float32 logits (B, V) and B float64 uniforms");
   auto picked = at::empty({B}, logits.options().dtype(at::kLong));
   const float* l = logits.data_ptr<float>();
   const double* u = uniforms.data_ptr<double>();
   int64_t* out = picked.data_ptr<int64_t>();
   pybind11::gil_scoped_release no_gil;
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<double> prob;
-    std::vector<int64_t> order;
-    for (int64_t b = b0; b < b1; ++b) out[b] = pick_row(l + b * V, V, u[b], temperature, top_k, top_p, prob, order);
-  });
+  pick_rows(l, B, V, u, temperature, top_k, top_p, out);
   return picked;
 }
 
@@ -561,6 +585,7 @@ void cell(int64_t kind, const at::Tensor& gx, const at::Tensor& gh, const at::Te
   const int64_t B = h.size(1), H = h.size(2), at0 = layer * B * H;
   const bool lstm = kind == LSTM;
   const int64_t* tok = tokens.numel() ? tokens.data_ptr<int64_t>() : nullptr;
+  if (tok) check_tokens(tokens, B, gx.size(0));
   const float *ph = h.data_ptr<float>() + at0, *pc = lstm ? c.data_ptr<float>() + at0 : nullptr;
   float *qh = h_out.data_ptr<float>() + at0, *qc = lstm ? c_out.data_ptr<float>() + at0 : nullptr;
   at::BFloat16* xn = x_next.numel() ? x_next.data_ptr<at::BFloat16>() : nullptr;
