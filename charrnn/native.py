@@ -32,7 +32,7 @@ except ImportError:  # Windows
 import torch
 
 from .model import CharRNN, Hidden
-from .stepper import GATES, StateAfter, run_steps
+from .stepper import GATES, StateAfter, Weights, run_steps
 
 SOURCE = Path(__file__).parent / "csrc" / "step.cpp"
 CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
@@ -124,31 +124,14 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.float().contiguous()
 
 
-class Weights:
-    """A model's weights as float32 CPU tensors in torch's gate-major row order (g * H + u),
-    arranged for a step: layer 0's input product folded into ``table0`` (V, G * H).
+def _split(hidden: Hidden, cell: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """h and c as the kernel takes them: contiguous float32, c empty but for LSTM."""
+    h, c = hidden if cell == "lstm" else (hidden, torch.empty(0))
+    return h.float().contiguous(), c.float().contiguous()
 
-    As in :class:`~charrnn.stepper.Stepper`, the input-side bias ``b_x`` holds b_hh too,
-    except for GRU, whose n gate needs ``b_h`` apart: n = tanh(x_n + r * (W_hn h + b_hn)).
-    ``w_x[0]`` and ``b_x[0]`` are empty (the table replaces them), as is ``b_h`` but for GRU.
-    """
 
-    def __init__(self, model: CharRNN):
-        cfg = model.config
-        rnn, empty, gru = model.rnn, torch.empty(0), cfg.cell == "gru"
-
-        def p(name: str, layer: int) -> torch.Tensor:
-            return getattr(rnn, f"{name}_l{layer}").detach().float().cpu().contiguous()
-
-        layers = range(cfg.n_layers)
-        x_bias = [p("bias_ih", l) + (0 if gru else p("bias_hh", l)) for l in layers]
-        self.table0 = (model.embedding.weight.detach().float().cpu() @ p("weight_ih", 0).T + x_bias[0]).contiguous()
-        self.w_x = [empty] + [p("weight_ih", l) for l in layers[1:]]
-        self.b_x = [empty] + x_bias[1:]
-        self.w_h = [p("weight_hh", l) for l in layers]
-        self.b_h = [p("bias_hh", l) if gru else empty for l in layers]
-        self.w_o = model.head.weight.detach().float().cpu().contiguous()
-        self.b_o = model.head.bias.detach().float().cpu().contiguous()
+def _join(h: torch.Tensor, c: torch.Tensor, cell: str) -> Hidden:
+    return (h, c) if cell == "lstm" else h
 
 
 class NativeStepper:
@@ -187,9 +170,9 @@ class NativeStepper:
 
     def step(self, tokens: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
         """tokens (B,) int64, hidden as from ``CharRNN`` -> float32 logits (B, V) and the new hidden."""
-        h, c = self._split(hidden)
+        h, c = _split(hidden, self.cell)
         logits, h, c = self.kernel.step(self.packed, tokens.contiguous(), h, c)
-        return logits, self._join(h, c)
+        return logits, _join(h, c, self.cell)
 
     def sample(
         self, logits: torch.Tensor, hidden: Hidden, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float, every_state: bool = True
@@ -200,7 +183,7 @@ class NativeStepper:
         Returns the tokens (K, B) and ``state(j)``: the logits and hidden state right after
         token j; without ``every_state``, only after the last one (j = K - 1).
         """
-        h, c = self._split(hidden)
+        h, c = _split(hidden, self.cell)
         tokens, logits_seq, h_seq, c_seq = self.kernel.sample(
             self.packed, logits.float().contiguous(), h, c, uniforms.contiguous(), temperature, top_k, top_p, every_state
         )
@@ -214,12 +197,6 @@ class NativeStepper:
 
         return tokens, state
 
-    def _split(self, hidden: Hidden) -> tuple[torch.Tensor, torch.Tensor]:
-        h, c = hidden if self.cell == "lstm" else (hidden, torch.empty(0))
-        return h.float().contiguous(), c.float().contiguous()
-
-    def _join(self, h: torch.Tensor, c: torch.Tensor) -> Hidden:
-        return (h, c) if self.cell == "lstm" else h
 
 
 class _Product:
@@ -266,9 +243,7 @@ class BatchedStepper:
 
     def step(self, tokens: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
         """tokens (B,) int64, hidden as from ``CharRNN`` -> float32 logits (B, V) and the new hidden."""
-        lstm = self.cell == "lstm"
-        h, c = hidden if lstm else (hidden, torch.empty(0))
-        h, c = h.float().contiguous(), c.float().contiguous()
+        h, c = _split(hidden, self.cell)
         h_out, c_out = torch.empty_like(h), torch.empty_like(c)
         # bfloat16 products take the layer below's output as the cell wrote it, in bfloat16.
         x = torch.empty(h.shape[1:], dtype=torch.bfloat16) if self.dtype == torch.bfloat16 else torch.empty(0)
@@ -279,8 +254,7 @@ class BatchedStepper:
                 gx, rows = x_product(x if x.numel() else h_out[layer - 1]), self.no_tokens
             self.kernel.cell(CELLS[self.cell], gx, h_product(h[layer]), h, c, layer, h_out, c_out, rows, x)
         x = x if x.numel() else h_out[-1]
-        logits = self.head(x).float()
-        return logits, ((h_out, c_out) if lstm else h_out)
+        return self.head(x).float(), _join(h_out, c_out, self.cell)
 
     def sample(
         self, logits: torch.Tensor, hidden: Hidden, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float, every_state: bool = True

@@ -57,6 +57,34 @@ def run_steps(
     return torch.stack(tokens), state
 
 
+class Weights:
+    """A model's weights arranged for a step, as float32 tensors on its device, rows in
+    torch's gate-major order (g * H + u); every stepper packs its own layout from these.
+
+    Layer 0's input product is folded into ``table0`` (V, G * H), so feeding a character
+    is a row lookup. The input-side bias ``b_x`` holds b_hh too, except for GRU, whose n
+    gate needs ``b_h`` apart: n = tanh(x_n + r * (W_hn h + b_hn)). ``w_x[0]`` and
+    ``b_x[0]`` are empty (the table replaces them), as is ``b_h`` but for GRU.
+    """
+
+    def __init__(self, model: CharRNN):
+        cfg = model.config
+        rnn, empty, gru = model.rnn, torch.empty(0), cfg.cell == "gru"
+
+        def p(name: str, layer: int) -> torch.Tensor:
+            return getattr(rnn, f"{name}_l{layer}").detach().float().contiguous()
+
+        layers = range(cfg.n_layers)
+        x_bias = [p("bias_ih", l) + (0 if gru else p("bias_hh", l)) for l in layers]
+        self.table0 = (model.embedding.weight.detach().float() @ p("weight_ih", 0).T + x_bias[0]).contiguous()
+        self.w_x = [empty] + [p("weight_ih", l) for l in layers[1:]]
+        self.b_x = [empty] + x_bias[1:]
+        self.w_h = [p("weight_hh", l) for l in layers]
+        self.b_h = [p("bias_hh", l) if gru else empty for l in layers]
+        self.w_o = model.head.weight.detach().float().contiguous()
+        self.b_o = model.head.bias.detach().float().contiguous()
+
+
 class Stepper:
     """Advance B streams by one character each, over weights packed from ``model``.
 
@@ -69,29 +97,19 @@ class Stepper:
         cfg = model.config
         self.cell, self.n_layers = cfg.cell, cfg.n_layers
         self.dtype = dtype
-        rnn = model.rnn
-        device = model.head.weight.device
         with torch.no_grad():
+            w = Weights(model)
 
-            def p(name: str, layer: int) -> torch.Tensor:
-                return getattr(rnn, f"{name}_l{layer}").detach().float()
+            def matrix(m: torch.Tensor) -> torch.Tensor:  # (out, in) -> (in, out), ready for x @ W
+                return m.T.contiguous().to(dtype)
 
-            def matrix(w: torch.Tensor) -> torch.Tensor:  # (out, in) -> (in, out), ready for x @ W
-                return w.T.contiguous().to(dtype)
-
-            # For GRU, b_hh stays with the hidden product: n = tanh(x_n + r * (W_hn h + b_hn)).
-            hidden_bias_in_x = cfg.cell != "gru"
-
-            def x_bias(layer: int) -> torch.Tensor:
-                return p("bias_ih", layer) + (p("bias_hh", layer) if hidden_bias_in_x else 0)
-
-            self.table0 = model.embedding.weight.detach().float() @ p("weight_ih", 0).T + x_bias(0)
-            self.w_hh = [matrix(p("weight_hh", l)) for l in range(cfg.n_layers)]
-            self.b_hh = [p("bias_hh", l) for l in range(cfg.n_layers)]
-            self.w_ih = [None] + [matrix(p("weight_ih", l)) for l in range(1, cfg.n_layers)]
-            self.b_x = [None] + [x_bias(l) for l in range(1, cfg.n_layers)]
-            self.w_head = matrix(model.head.weight.detach().float())
-            self.b_head = model.head.bias.detach().float().to(device)
+            self.table0 = w.table0
+            self.w_hh = [matrix(m) for m in w.w_h]
+            self.b_hh = w.b_h  # GRU only: the other cells' b_hh is in b_x
+            self.w_ih = [None] + [matrix(m) for m in w.w_x[1:]]
+            self.b_x = [None] + w.b_x[1:]
+            self.w_head = matrix(w.w_o)
+            self.b_head = w.b_o
 
     def _mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """bias + x @ w in float32, the product itself in ``self.dtype``."""
