@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import os
+import signal
 import sys
 import types
 import typing
@@ -75,7 +77,8 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 
 def run_cli(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
-    """Run a front end: user mistakes print one line and exit 2, Ctrl-C exits 130."""
+    """Run a front end: user mistakes print one line and exit 2, Ctrl-C exits 130, a closed
+    output pipe exits 141 without a word."""
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning  # "warning: ..." lines, not source lines
@@ -86,6 +89,9 @@ def run_cli(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 128 + signal.SIGPIPE
 
 
 # --- charrnn-train -------------------------------------------------------------------------

@@ -93,6 +93,17 @@ def test_sample_runs_at_each_precision(cli_run, subprocess_env, precision):
     assert len(samples) == 9 and all(len(s.split("\n", 1)[1]) == len("ab") + 30 + 1 for s in samples)
 
 
+def test_sample_into_a_pipe_closed_early_stops_quietly(cli_run, subprocess_env):
+    """`sample.py ... | head` must not end in a BrokenPipeError traceback."""
+    _, out, work = cli_run
+    args = [SAMPLE, "--checkpoint", str(out), "--length", "200", "--num-samples", "9", "--device", "cpu"]
+    proc = subprocess.Popen([PYTHON, *args], cwd=work, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 141, stderr
+    assert "Traceback" not in stderr and "Error" not in stderr
+
+
 def _assert_one_line_error(proc, *fragments):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
