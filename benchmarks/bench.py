@@ -2,7 +2,8 @@
 
     python benchmarks/bench.py            # the full table (about 10 minutes, plus 5 for --quality)
     python benchmarks/bench.py --quick    # a smoke run in well under a minute
-    python benchmarks/bench.py --quality  # also train with defaults for 300 s and report val loss
+    python benchmarks/bench.py --quality  # also: train.py's defaults against a plain script, 300 s each
+    python benchmarks/bench.py --quality-only --quality-seconds 60 --quality-dtype float32
 
 The reference is what a typical user writes: an fp32 ``nn.LSTM`` (or GRU / RNN) called
 as is, trained with Adam and clipping, and sampled by calling it once per character.
@@ -30,9 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from charrnn.config import ModelConfig, TrainConfig  # noqa: E402
-from charrnn.data import load_corpus, split_tokens  # noqa: E402
+from charrnn.data import BatchStreams, StreamPosition, load_corpus, split_tokens  # noqa: E402
+from charrnn.evaluation import evaluate  # noqa: E402
 from charrnn.model import CharRNN  # noqa: E402
 from charrnn.sampling import Sampler, load  # noqa: E402
+from charrnn.token_cache import corpus_tokens  # noqa: E402
 from charrnn.tokenizer import CharTokenizer  # noqa: E402
 from charrnn.train import Trainer  # noqa: E402
 
@@ -57,6 +60,38 @@ class Reference(nn.Module):
         return self.head(out), hidden
 
 
+def train_reference(data: str, seconds: float, seed: int = 1337) -> dict:
+    """The plain script for ``seconds`` of training steps, and its loss on the full validation split.
+
+    As a typical user writes it: fp32 LSTM 2x512, embedding 64, Adam at a constant 2e-3,
+    gradient norm clipped at 5, batches of 64 x 100 with the state carried across them.
+    It is scored by charrnn's own evaluation, exactly as charrnn's runs are.
+    """
+    tokens, tokenizer = corpus_tokens(data)
+    train_tokens, val_tokens = split_tokens(tokens)
+    torch.manual_seed(seed)
+    model = Reference("lstm", tokenizer.vocab_size, 64, 512, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    streams = BatchStreams(train_tokens, 64, 100, seed)
+    pos, hidden, steps, elapsed = StreamPosition(), None, 0, 0.0
+    while elapsed < seconds:
+        start = time.perf_counter()
+        if pos.index == 0:
+            hidden = None
+        x, y = streams.get(pos)
+        logits, hidden = model(x, hidden)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        hidden = detach(hidden)
+        pos = streams.next(pos)
+        steps += 1
+        elapsed += time.perf_counter() - start
+    return {"steps": steps, "val": evaluate(model, val_tokens), "chars_per_s": steps * 64 * 100 / elapsed}
+
+
 def detach(hidden):
     return tuple(h.detach() for h in hidden) if isinstance(hidden, tuple) else hidden.detach()
 
@@ -77,7 +112,7 @@ def steady_malloc() -> None:
     libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: and stay there once freed
 
 
-def matmul_peak(dtype: torch.dtype, size: int, seconds: float) -> float:
+def matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     n, start = 0, time.perf_counter()
@@ -286,7 +321,7 @@ def bench_memory(args, corpus: Path) -> dict:
     setup = (
         "import torch; from charrnn.model import CharRNN; from charrnn.config import ModelConfig\n"
         "from charrnn.sampling import Sampler; from charrnn.tokenizer import CharTokenizer\n"
-        f"m = CharRNN(ModelConfig(vocab_size={VOCAB}, hidden_size={args.hidden}, embedding_size={args.emb}))\n"
+        f"m = CharRNN(ModelConfig(vocab_size={VOCAB}, n_layers=2, hidden_size={args.hidden}, embedding_size={args.emb}, dropout=0.0))\n"
         f"s = Sampler(m, CharTokenizer([chr(32 + i) for i in range({VOCAB - 1})]))\n"
     )
     small = child_peak_rss(setup + "s.generate('A', length=1000, seed=0)")
@@ -295,7 +330,7 @@ def bench_memory(args, corpus: Path) -> dict:
         "from charrnn.train import Trainer; from charrnn.config import TrainConfig, ModelConfig\n"
         f"t = Trainer(TrainConfig(data={str(corpus)!r}, out={tempfile.mkdtemp()!r}, seq_len={args.seq_len}, "
         f"batch_size={args.batch}, max_iters=10, max_time=0, progress=False, sample_chars=0, device='cpu'), "
-        f"ModelConfig(hidden_size={args.hidden}, embedding_size={args.emb}))\n"
+        f"ModelConfig(n_layers=2, hidden_size={args.hidden}, embedding_size={args.emb}, dropout=0.0))\n"
         "for _ in range(5): t.train_step()"
     )
     return {"sample_small": small, "sample_large": large, "train": train}
@@ -304,15 +339,18 @@ def bench_memory(args, corpus: Path) -> dict:
 # --- 5: quality at a budget ---------------------------------------------------------------------
 
 
-def bench_quality(seconds: int) -> dict:
+def bench_quality(seconds: int, dtype: str) -> dict:
+    """``train.py --data shakespeare`` with its defaults, then the plain script, each for ``seconds``."""
     out = tempfile.mkdtemp()
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "train.py", "--data", "shakespeare", "--max-time", str(seconds), "--out", out, "--sample-chars", "0"],
+        [sys.executable, "train.py", "--data", "shakespeare", "--max-time", str(seconds), "--dtype", dtype,
+         "--out", out, "--sample-chars", "0", "--no-plot"],
         cwd=ROOT, check=True,
     )
     wall = time.perf_counter() - start
     meta = json.loads((Path(out) / "best" / "config.json").read_text())
+    ref = train_reference("shakespeare", seconds)
     # What each sampling precision costs: the validation split scored through the sampling step.
     text = load_corpus("shakespeare")
     val = text[len(split_tokens(np.arange(len(text)))[0]) :]
@@ -321,7 +359,9 @@ def bench_quality(seconds: int) -> dict:
         precision: Sampler(exact.model, exact.tokenizer, dtype=precision, max_prompt_chars=len(val)).score(val, stepped=True)
         for precision in ("float32", "int8", "bfloat16")
     }
-    return {"val": meta["best_val_loss"], "wall": wall, "steps": meta["step"], "stepped": stepped}
+    model = meta["model"]
+    return {"val": meta["best_val_loss"], "wall": wall, "steps": meta["step"], "stepped": stepped, "ref": ref,
+            "size": f"{model['n_layers']}x{model['hidden_size']}", "dtype": meta["dtype"]}
 
 
 # --- 6: corpora larger than memory -----------------------------------------------------------
@@ -346,7 +386,7 @@ def bench_large_corpus(megabytes: int, args) -> dict:
             "from charrnn.train import Trainer; from charrnn.config import TrainConfig, ModelConfig\n"
             f"tr = Trainer(TrainConfig(data={str(corpus)!r}, out={tmp!r}, seq_len={args.seq_len}, batch_size={args.batch}, "
             "max_iters=10, max_time=0, progress=False, sample_chars=0, device='cpu'), "
-            f"ModelConfig(hidden_size={args.hidden}, embedding_size={args.emb}))\n"
+            f"ModelConfig(n_layers=2, hidden_size={args.hidden}, embedding_size={args.emb}, dropout=0.0))\n"
             "tr.train_step(); print(time.perf_counter() - t)\n"
             "for _ in range(4): tr.train_step()"
         )
@@ -357,29 +397,8 @@ def bench_large_corpus(megabytes: int, args) -> dict:
 # --- the table ------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes and short timings: a smoke run")
-    parser.add_argument("--quality", action="store_true", help="also train with defaults for --quality-seconds")
-    parser.add_argument("--quality-seconds", type=int, default=300)
-    parser.add_argument("--large-mb", type=int, default=200, help="size of the generated corpus for section 6 (0: skip)")
-    args = parser.parse_args()
-    if args.quick:
-        args.hidden, args.emb, args.seq_len, args.batch = 128, 32, 32, 16
-        args.seconds, args.agree_steps, args.cells = 0.5, 10, ["lstm"]
-        args.sample_chars, args.sample_chars_batch, args.memory_chars, args.peak_seconds = 300, 50, 3000, 0.3
-    else:
-        args.hidden, args.emb, args.seq_len, args.batch = 512, 64, 100, 64
-        args.seconds, args.agree_steps, args.cells = 20.0, 50, ["lstm", "gru", "rnn_tanh"]
-        args.sample_chars, args.sample_chars_batch, args.memory_chars, args.peak_seconds = 5000, 500, 100_000, 3.0
-
-    steady_malloc()
-    print(f"charrnn benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'quick' if args.quick else 'full'} run; reference = plain fp32 PyTorch\n")
-    peak32 = matmul_peak(torch.float32, 1024 if args.quick else 2048, args.peak_seconds)
-    peak16 = matmul_peak(torch.bfloat16, 1024 if args.quick else 2048, args.peak_seconds)
-    print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
-
+def throughput_tables(args, peak16: float, peak32: float) -> None:
+    """Sections 1-4 and 6: training and sampling speed, memory, a large corpus."""
     size = f"2x{args.hidden}, seq {args.seq_len}, batch {args.batch}"
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
@@ -414,13 +433,46 @@ def main() -> None:
               f"({g['encode_rss'] / g['mb']:.2f}x the corpus); second run (cache hit): first training step after "
               f"{g['hit_s']:.2f} s, training +{g['train_anon']:.0f} MB anonymous (vs +{m['train']:.0f} MB on a 2 MB corpus)")
 
-    if args.quality:
-        q = bench_quality(args.quality_seconds)
-        print(f"\n5. quality: train.py --data shakespeare --max-time {args.quality_seconds}: best val "
-              f"{q['val']:.4f} nats/char ({q['val'] / math.log(2):.3f} bpc) after {q['steps']} steps, {q['wall']:.0f} s wall")
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes and short timings: a smoke run")
+    parser.add_argument("--quality", action="store_true", help="also train with defaults for --quality-seconds")
+    parser.add_argument("--quality-seconds", type=int, default=300)
+    parser.add_argument("--quality-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="precision of charrnn's quality run (the plain script is always fp32)")
+    parser.add_argument("--quality-only", action="store_true", help="run section 5 alone")
+    parser.add_argument("--large-mb", type=int, default=200, help="size of the generated corpus for section 6 (0: skip)")
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.emb, args.seq_len, args.batch = 128, 32, 32, 16
+        args.seconds, args.agree_steps, args.cells = 0.5, 10, ["lstm"]
+        args.sample_chars, args.sample_chars_batch, args.memory_chars, args.peak_seconds = 300, 50, 3000, 0.3
+    else:
+        args.hidden, args.emb, args.seq_len, args.batch = 512, 64, 100, 64
+        args.seconds, args.agree_steps, args.cells = 20.0, 50, ["lstm", "gru", "rnn_tanh"]
+        args.sample_chars, args.sample_chars_batch, args.memory_chars, args.peak_seconds = 5000, 500, 100_000, 3.0
+
+    steady_malloc()
+    print(f"charrnn benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'quick' if args.quick else 'full'} run; reference = plain fp32 PyTorch\n")
+    peak32 = matmul_peak(torch.float32, 1024 if args.quick else 2048, args.peak_seconds)
+    peak16 = matmul_peak(torch.bfloat16, 1024 if args.quick else 2048, args.peak_seconds)
+    print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
+
+    if not args.quality_only:
+        throughput_tables(args, peak16, peak32)
+
+    if args.quality or args.quality_only:
+        q = bench_quality(args.quality_seconds, args.quality_dtype)
+        r = q["ref"]
+        print(f"\n5. quality, {args.quality_seconds} s of training each, one after the other: "
+              f"train.py --data shakespeare --dtype {args.quality_dtype} ({q['size']}, {q['dtype']}, {q['steps']} steps): "
+              f"{q['val']:.4f} nats/char ({q['val'] / math.log(2):.3f} bpc); plain fp32 LSTM 2x512 script "
+              f"({r['steps']} steps, {r['chars_per_s']:,.0f} chars/s): {r['val']:.4f}; charrnn lower by "
+              f"{r['val'] - q['val']:+.4f} nats/char")
         print("   the validation split scored through the sampling step (16 segments, each from a fresh state): "
               + ", ".join(f"{p} {v:.5f}" for p, v in q["stepped"].items()))
-
 
 if __name__ == "__main__":
     main()

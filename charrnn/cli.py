@@ -49,13 +49,27 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
         if isinstance(kind, types.UnionType):  # "int | None" -> int
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
         kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": f.default}
-        if "choices" in f.metadata:
+        if f.metadata.get("auto"):
+            kwargs["type"] = _auto_or(kind)
+            kwargs["metavar"] = f"{kind.__name__.upper()}|auto"
+            kwargs["help"] += " (default: auto)"
+        elif "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        else:
+        elif "type" not in kwargs:
             kwargs["type"] = kind
         group.add_argument(_flag(f.name), **kwargs)
+
+
+def _auto_or(kind: type) -> Callable[[str], Any]:
+    """An argparse type for a setting the budget may choose: 'auto' gives None, anything else ``kind``."""
+
+    def parse(text: str) -> Any:
+        return None if text == "auto" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
 
 
 def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:

@@ -63,25 +63,33 @@ class ModelConfig:
 
     vocab_size: int = field(default=0, metadata=_help("characters in the vocabulary (set from the corpus)", cli=False))
     cell: str = field(default="lstm", metadata=_help(f"recurrent cell: {', '.join(CELLS)}", choices=CELLS))
-    n_layers: int = field(default=2, metadata=_help("stacked recurrent layers"))
-    hidden_size: int = field(default=512, metadata=_help("units per recurrent layer"))
+    n_layers: int | None = field(default=None, metadata=_help("stacked recurrent layers (auto: chosen from the budget)", auto=True))
+    hidden_size: int | None = field(default=None, metadata=_help("units per recurrent layer (auto: chosen from the budget)", auto=True))
     embedding_size: int = field(default=64, metadata=_help("size of the character embedding"))
-    dropout: float = field(default=0.1, metadata=_help("dropout between layers and before the output head, in [0, 1)"))
+    dropout: float | None = field(
+        default=None,
+        metadata=_help("dropout between layers and before the output head, in [0, 1) (auto: 0 for a run that reads the corpus up to twice, more beyond)", auto=True),
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check(self.cell in CELLS, f"unknown cell {self.cell!r}: choose one of {', '.join(CELLS)}")
         _check(self.vocab_size >= 0, f"vocab_size must be >= 0, got {self.vocab_size}")
-        _check(self.n_layers >= 1, f"--n-layers must be at least 1, got {self.n_layers}")
-        _check(self.hidden_size >= 1, f"--hidden-size must be at least 1, got {self.hidden_size}")
+        _check(self.n_layers is None or self.n_layers >= 1, f"--n-layers must be at least 1, got {self.n_layers}")
+        _check(self.hidden_size is None or self.hidden_size >= 1, f"--hidden-size must be at least 1, got {self.hidden_size}")
         _check(self.embedding_size >= 1, f"--embedding-size must be at least 1, got {self.embedding_size}")
         _check(
-            0.0 <= self.dropout < 1.0 and math.isfinite(self.dropout),
+            self.dropout is None or (0.0 <= self.dropout < 1.0 and math.isfinite(self.dropout)),
             f"--dropout must be in [0, 1), got {self.dropout}",
         )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def unresolved(self) -> list[str]:
+        """Settings still at auto (None): a model can be built once the budget has chosen them."""
+        return [name for name in ("n_layers", "hidden_size", "dropout") if getattr(self, name) is None]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
@@ -104,17 +112,22 @@ class TrainConfig:
     max_vocab: int = field(default=0, metadata=_help("keep the N most frequent characters; rarer ones read as <unk> (0: keep all)"))
     out: str | None = field(default=None, metadata=_help("run directory (default: checkpoints/<data>-<time>)"))
     resume: str | None = field(default=None, metadata=_help("continue training from this checkpoint (a run's 'last' directory)"))
-    seq_len: int = field(default=64, metadata=_help("characters per truncated-BPTT chunk"))
-    batch_size: int = field(default=128, metadata=_help("parallel streams per step, per process (under torchrun the global batch is this x the number of processes)"))
-    lr: float = field(default=3e-3, metadata=_help("peak learning rate (AdamW)"))
-    min_lr: float = field(default=3e-4, metadata=_help("learning rate at the end of the cosine decay"))
-    warmup_iters: int = field(default=100, metadata=_help("steps of linear warm-up"))
+    seq_len: int | None = field(default=None, metadata=_help("characters per truncated-BPTT chunk (auto: 64)", auto=True))
+    batch_size: int | None = field(
+        default=None,
+        metadata=_help("parallel streams per step, per process (under torchrun the global batch is this x the number of processes; auto: 32)", auto=True),
+    )
+    lr: float | None = field(default=None, metadata=_help("peak learning rate (AdamW; auto: smaller for wider layers)", auto=True))
+    min_lr: float | None = field(default=None, metadata=_help("learning rate at the end of the cosine decay (auto: lr / 10)", auto=True))
+    warmup_iters: int | None = field(default=None, metadata=_help("steps of linear warm-up (auto: 2%% of the steps the budget buys)", auto=True))
     lr_decay_iters: int = field(default=0, metadata=_help("steps of the cosine decay (0: decay over the budget, --max-iters or --max-time)"))
     weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay on weight matrices"))
     grad_clip: float = field(default=1.0, metadata=_help("clip the global gradient norm to this (0: off)"))
     max_iters: int = field(default=0, metadata=_help("stop after this many steps (0: no step limit)"))
     max_time: float = field(default=300.0, metadata=_help("stop after this many seconds of training steps; evaluations come on top (0: no time limit)"))
-    eval_interval: int = field(default=250, metadata=_help("evaluate on the full validation split every N steps"))
+    eval_interval: int | None = field(
+        default=None, metadata=_help("evaluate on the full validation split every N steps (auto: 8 times a run)", auto=True)
+    )
     patience: int = field(default=5, metadata=_help("stop after N evaluations without improvement (0: never)"))
     sample_chars: int = field(default=200, metadata=_help("characters of sample text printed at each evaluation (0: none)"))
     seed: int = field(default=1337, metadata=_help("random seed: same seed, same machine, same run"))
@@ -130,11 +143,14 @@ class TrainConfig:
         _check_types(self)
         _check(bool(self.data), "--data must name a corpus")
         _check(self.max_vocab == 0 or self.max_vocab >= 2, f"--max-vocab must be 0 (all) or at least 2, got {self.max_vocab}")
-        _check(self.seq_len >= 1, f"--seq-len must be at least 1, got {self.seq_len}")
-        _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        _check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}")
-        _check(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --lr], got {self.min_lr}")
-        _check(self.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {self.warmup_iters}")
+        _check(self.seq_len is None or self.seq_len >= 1, f"--seq-len must be at least 1, got {self.seq_len}")
+        _check(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        _check(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"--lr must be a positive number, got {self.lr}")
+        _check(
+            self.min_lr is None or (0 <= self.min_lr <= (self.lr if self.lr is not None else math.inf)),
+            f"--min-lr must be in [0, --lr], got {self.min_lr}",
+        )
+        _check(self.warmup_iters is None or self.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {self.warmup_iters}")
         _check(self.lr_decay_iters >= 0, f"--lr-decay-iters must be >= 0, got {self.lr_decay_iters}")
         _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         _check(self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}")
@@ -144,7 +160,7 @@ class TrainConfig:
             self.max_iters > 0 or self.max_time > 0,
             "set a budget: --max-iters or --max-time must be positive, or training never ends",
         )
-        _check(self.eval_interval >= 1, f"--eval-interval must be at least 1, got {self.eval_interval}")
+        _check(self.eval_interval is None or self.eval_interval >= 1, f"--eval-interval must be at least 1, got {self.eval_interval}")
         _check(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
         _check(self.sample_chars >= 0, f"--sample-chars must be >= 0, got {self.sample_chars}")
         _check(self.device in DEVICES, f"unknown --device {self.device!r}: choose one of {', '.join(DEVICES)}")

@@ -24,6 +24,11 @@ class CharRNN(nn.Module):
         super().__init__()
         if config.vocab_size < 1:
             raise ValueError("ModelConfig.vocab_size must be set before building a model")
+        if config.unresolved:
+            raise ValueError(
+                f"ModelConfig {', '.join(config.unresolved)} are auto (None): give them, or let "
+                "charrnn.sizing.plan_run choose them from a budget, before building a model"
+            )
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_size)
         rnn_class = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}[config.cell]

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +36,7 @@ from .errors import CheckpointError, ConfigError, CorpusError, TrainingError
 from .evaluation import LN2, evaluate
 from .model import CharRNN, Hidden, count_parameters, detach_hidden
 from .sampling import Sampler
+from .sizing import plan_run
 from .token_cache import corpus_tokens
 
 # Settings that may change when a run resumes (with a warning for the ones that matter).
@@ -103,6 +104,8 @@ def merge_resume_config(
     """
     saved_train = saved.meta.get("train", {})
     saved_model = saved.meta["model"]
+    # "auto" (None) on resume means: keep what the run chose.
+    explicit = {n for n in explicit if getattr(model_config if n in saved_model else config, n, None) is not None}
     try:  # config.json carries no checksum of its own: check its training settings before using them
         if not isinstance(saved_train, dict):
             raise ConfigError(f"'train' is a {type(saved_train).__name__}, not an object")
@@ -207,6 +210,13 @@ class Trainer:
         self.train_tokens, self.val_tokens = split_tokens(tokens)
         if len(self.val_tokens) < 2:
             raise CorpusError(f"corpus {config.data!r} is too short for a validation split: it needs at least 20 characters")
+        # Settings left at auto are chosen from the budget (a resumed run has none left).
+        self.plan = plan_run(
+            config, replace(model_config, vocab_size=self.tokenizer.vocab_size), len(self.train_tokens),
+            self.device, self.dtype, share=lambda v: self.dist.sum([v if self.dist.is_main else 0.0], self.device)[0],
+        )
+        config, model_config = self.plan.config, self.plan.model
+        self.config = config
         try:
             # Under DDP the layout has batch_size x world rows and each process reads its own block,
             # so N processes x batch B see exactly the batches of one process x batch N*B.
@@ -235,7 +245,7 @@ class Trainer:
         self.step = 0
         self.position = StreamPosition()
         self.hidden: Hidden | None = None
-        self.elapsed = 0.0
+        self.elapsed = self.plan.probe_seconds  # the probe of this machine counts in --max-time
         self.best_val = math.inf
         self.evals_without_improvement = 0
         self.run_dir = Path(config.out) if config.out else self._default_run_dir(saved)
@@ -481,6 +491,7 @@ class Trainer:
                     f"cannot create the run directory {self.run_dir}: {exc.strerror or exc}; choose another --out"
                 ) from None
             self._trim_metrics()
+            print(f"charrnn: {self.plan.reason}", file=sys.stderr)
             print(
                 f"charrnn: {self.model_config.cell} {self.model_config.n_layers}x{self.model_config.hidden_size}, "
                 f"{count_parameters(self.model):,} parameters, vocab {self.tokenizer.vocab_size}, "

@@ -1,0 +1,219 @@
+"""What a budget buys: the model size, batch, learning rate and schedule of a run.
+
+Every setting left at ``auto`` (``None`` in the configs) is chosen here from the
+budget, so that ``python train.py --data shakespeare`` trains the best model this
+machine can train in the time it is given, on a laptop CPU as on a GPU. The rule comes
+from a measured scaling study (``benchmarks/budget.py``, written up in
+``docs/scaling.md``); in short:
+
+- **The budget in characters.** ``--max-iters`` gives it directly (steps x batch x
+  sequence length). ``--max-time`` gives it through a short probe of this machine: a
+  few timed training steps of a throwaway model (about a second), which say how many
+  floating-point operations per second training gets here. The probe's time counts in
+  the budget.
+- **The size.** The largest candidate that still reads ``CHARS_PER_WEIGHT``
+  characters per weight in that budget: with a short budget more, smaller steps beat
+  fewer, bigger ones; with a long one a bigger model wins. The model is also kept
+  below ``MAX_WEIGHTS_PER_CHAR`` weights per training character of the corpus, where
+  more would only memorise it.
+- **The rest.** Small batches (32 x 64: at a fixed budget the number of updates counts
+  more than their size), a learning rate that shrinks as the layers widen, a warm-up
+  of 2% of the planned steps, a cosine decay to a tenth over the budget, and dropout
+  only when the run reads the corpus more than twice.
+
+A setting the user gives always wins; the others are chosen around it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig, TrainConfig
+from .device import autocast
+from .model import CharRNN
+
+# (hidden size, layers), smallest first: the sizes the study measured.
+CANDIDATES: tuple[tuple[int, int], ...] = (
+    (128, 1), (256, 1), (256, 2), (384, 2), (512, 2), (768, 2), (1024, 2), (1024, 3),
+)
+CHARS_PER_WEIGHT = 4.0
+MAX_WEIGHTS_PER_CHAR = 4.0
+BATCH_SIZE, SEQ_LEN = 32, 64
+BASE_LR, BASE_HIDDEN = 5e-3, 256  # lr = BASE_LR * sqrt(BASE_HIDDEN / hidden)
+WARMUP_FRACTION = 0.02
+MIN_LR_FRACTION = 0.1
+EVALUATIONS = 8  # full-split evaluations a run makes; the last one comes at its end
+FALLBACK_EVAL_INTERVAL = 250  # when nothing measured the steps a time budget buys
+PROBE_SECONDS = 0.6  # per probed size; at most two sizes are probed
+_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's settings with nothing left to choose, and what chose them."""
+
+    config: TrainConfig
+    model: ModelConfig
+    probe_seconds: float  # spent measuring this machine; counted in the time budget
+    chars_per_second: float | None  # the probe's measure of the chosen size (None: no probe)
+    reason: str  # one line for the start of the run, e.g. "lstm 2x256 chosen for 300 s at ..."
+
+
+def step_weights(hidden: int, layers: int, embedding: int, vocab: int, cell: str = "lstm") -> int:
+    """Weights a character passes through (recurrent matrices and head; the embedding is a lookup)."""
+    gates = _GATES[cell]
+    first = gates * hidden * (embedding + hidden)
+    rest = (layers - 1) * gates * hidden * (2 * hidden)
+    return first + rest + hidden * vocab
+
+
+def flops_per_char(model: ModelConfig) -> float:
+    """Training cost of one character: 2 FLOPs per weight forward, 4 backward."""
+    return 6.0 * step_weights(model.hidden_size, model.n_layers, model.embedding_size, model.vocab_size, model.cell)
+
+
+def learning_rate_for(hidden: int) -> float:
+    """Peak AdamW learning rate for a width: wider layers take smaller steps."""
+    return round(BASE_LR * math.sqrt(BASE_HIDDEN / hidden), 5)
+
+
+def dropout_for(epochs: float) -> float:
+    """No dropout for a run that reads the corpus about once; more the more often it rereads it."""
+    if epochs <= 2:
+        return 0.0
+    return 0.1 if epochs <= 8 else 0.2
+
+
+def measure_speed(
+    model: ModelConfig, batch: int, seq: int, device: torch.device, dtype: torch.dtype, seconds: float = PROBE_SECONDS
+) -> float:
+    """Training characters per second of ``model`` here: a throwaway copy, timed steps on random text."""
+    probe = CharRNN(model).to(device).train()
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)  # the run's own RNG is left untouched
+    x = torch.randint(model.vocab_size, (batch, seq + 1), generator=g).to(device)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            logits, _ = probe(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step()  # the first call prepares kernels
+    n, start = 0, time.perf_counter()
+    while n < 2 or time.perf_counter() - start < seconds:
+        step()
+        n += 1
+    return n * batch * seq / (time.perf_counter() - start)
+
+
+def choose_size(budget_chars: Callable[[int, int], float], model: ModelConfig, corpus_chars: int) -> tuple[int, int]:
+    """The largest candidate (hidden, layers) that reads CHARS_PER_WEIGHT characters per weight.
+
+    ``budget_chars(hidden, layers)`` is how many characters that size trains on in the
+    budget. A size or layer count the user fixed narrows the candidates to those with it.
+    """
+    options = [
+        (h, n) for h, n in CANDIDATES
+        if model.hidden_size in (None, h) and model.n_layers in (None, n)
+    ]
+    if not options:  # the user fixed one of the two to a value no candidate has
+        options = [(model.hidden_size or h, model.n_layers or n) for h, n in CANDIDATES]
+        options = sorted(set(options), key=lambda o: step_weights(*o, model.embedding_size, model.vocab_size, model.cell))
+    chosen = options[0]
+    for h, n in options:
+        weights = step_weights(h, n, model.embedding_size, model.vocab_size, model.cell)
+        if budget_chars(h, n) >= CHARS_PER_WEIGHT * weights and weights <= MAX_WEIGHTS_PER_CHAR * corpus_chars:
+            chosen = (h, n)
+    return chosen
+
+
+def _rate(chars: float) -> str:
+    return f"{chars / 1000:,.1f}k chars/s" if chars < 1e6 else f"{chars / 1e6:,.2f}M chars/s"
+
+
+def plan_run(
+    config: TrainConfig,
+    model: ModelConfig,
+    corpus_chars: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    share: Callable[[float], float] = lambda value: value,
+) -> Plan:
+    """Fill every ``None`` (auto) setting of ``config`` and ``model`` from the budget.
+
+    ``model.vocab_size`` must be set. ``corpus_chars`` is the training split's length.
+    ``share`` makes every process of a distributed run use the same measured speed
+    (rank 0's), so that they all choose the same model.
+    """
+    batch = config.batch_size or BATCH_SIZE
+    seq = config.seq_len or SEQ_LEN
+    chars_per_step = batch * seq
+    sizes_auto = model.hidden_size is None or model.n_layers is None
+    probe_seconds, speed = 0.0, None
+    start = time.perf_counter()
+
+    probe = bool(config.max_time) and (
+        sizes_auto or config.warmup_iters is None or model.dropout is None or config.eval_interval is None
+    )
+    if probe:
+        # Time budget: measure FLOP/s on a mid-sized model, choose the size, then measure the chosen one.
+        probe_model = replace(model, hidden_size=model.hidden_size or 256, n_layers=model.n_layers or 1, dropout=0.0)
+        flop_rate = share(measure_speed(probe_model, batch, seq, device, dtype)) * flops_per_char(probe_model)
+        remaining = max(config.max_time - (time.perf_counter() - start), 0.0)
+
+        def budget_chars(h: int, n: int) -> float:
+            chars = flop_rate * remaining / flops_per_char(replace(probe_model, hidden_size=h, n_layers=n))
+            return min(chars, config.max_iters * chars_per_step) if config.max_iters else chars
+    else:  # a step budget (or nothing left to choose): no probe
+
+        def budget_chars(h: int, n: int) -> float:
+            return float(config.max_iters * chars_per_step) if config.max_iters else math.inf
+
+    hidden, layers = choose_size(budget_chars, model, corpus_chars) if sizes_auto else (model.hidden_size, model.n_layers)
+    if probe:
+        chosen = replace(model, hidden_size=hidden, n_layers=layers, dropout=0.0)
+        same = (hidden, layers) == (probe_model.hidden_size, probe_model.n_layers)
+        speed = flop_rate / flops_per_char(chosen) if same else share(measure_speed(chosen, batch, seq, device, dtype))
+        probe_seconds = time.perf_counter() - start
+        chars = speed * max(config.max_time - probe_seconds, 0.0)
+        if config.max_iters:
+            chars = min(chars, config.max_iters * chars_per_step)
+    else:
+        chars = budget_chars(hidden, layers)
+    if math.isinf(chars):  # all given, time budget, no probe: nothing below depends on the step count
+        chars = 0.0
+    steps = max(1, int(chars // chars_per_step))
+    epochs = chars / max(corpus_chars, 1)
+
+    model = replace(
+        model, hidden_size=hidden, n_layers=layers, dropout=dropout_for(epochs) if model.dropout is None else model.dropout
+    )
+    lr = config.lr if config.lr is not None else learning_rate_for(hidden)
+    config = replace(
+        config,
+        batch_size=batch,
+        seq_len=seq,
+        lr=lr,
+        min_lr=config.min_lr if config.min_lr is not None else round(lr * MIN_LR_FRACTION, 6),
+        warmup_iters=config.warmup_iters if config.warmup_iters is not None else max(1, round(WARMUP_FRACTION * steps)),
+        eval_interval=config.eval_interval or (max(1, math.ceil(steps / EVALUATIONS)) if chars else FALLBACK_EVAL_INTERVAL),
+    )
+    budget = f"{config.max_time:g} s" if config.max_time else f"{config.max_iters:,} steps"
+    speed_note = f" at {_rate(speed)}" if speed else ""
+    what = "chosen" if sizes_auto else "given"
+    reason = (
+        f"{model.cell} {layers}x{hidden} {what} for {budget}{speed_note} on a {corpus_chars / 1e6:.1f}M-char corpus: "
+        f"about {steps:,} steps of {batch}x{seq} ({epochs:.1f} epochs), lr {lr:g}, dropout {model.dropout:g}"
+    )
+    return Plan(config, model, probe_seconds, speed, reason)
