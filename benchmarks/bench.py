@@ -3,7 +3,7 @@
     python benchmarks/bench.py            # the full table (about 10 minutes, plus 5 for --quality)
     python benchmarks/bench.py --quick    # a smoke run in well under a minute
     python benchmarks/bench.py --quality  # also: train.py's defaults against a plain script, 300 s each
-    python benchmarks/bench.py --quality-only --quality-seconds 60 --quality-dtype float32
+    python benchmarks/bench.py --quality-only --quality-seconds 60 --quality-dtypes float32
 
 The reference is what a typical user writes: an fp32 ``nn.LSTM`` (or GRU / RNN) called
 as is, trained with Adam and clipping, and sampled by calling it once per character.
@@ -339,29 +339,32 @@ def bench_memory(args, corpus: Path) -> dict:
 # --- 5: quality at a budget ---------------------------------------------------------------------
 
 
-def bench_quality(seconds: int, dtype: str) -> dict:
-    """``train.py --data shakespeare`` with its defaults, then the plain script, each for ``seconds``."""
-    out = tempfile.mkdtemp()
-    start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "train.py", "--data", "shakespeare", "--max-time", str(seconds), "--dtype", dtype,
-         "--out", out, "--sample-chars", "0", "--no-plot"],
-        cwd=ROOT, check=True,
-    )
-    wall = time.perf_counter() - start
-    meta = json.loads((Path(out) / "best" / "config.json").read_text())
+def bench_quality(seconds: int, dtypes: list[str]) -> dict:
+    """``train.py --data shakespeare`` with its defaults in each precision, then the plain script,
+    each for ``seconds`` of training, one after the other."""
+    runs = {}
+    for dtype in dtypes:
+        out = tempfile.mkdtemp()
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "train.py", "--data", "shakespeare", "--max-time", str(seconds), "--dtype", dtype,
+             "--out", out, "--sample-chars", "0", "--no-plot"],
+            cwd=ROOT, check=True,
+        )
+        meta = json.loads((Path(out) / "best" / "config.json").read_text())
+        model = meta["model"]
+        runs[dtype] = {"val": meta["best_val_loss"], "wall": time.perf_counter() - start, "steps": meta["step"],
+                       "size": f"{model['n_layers']}x{model['hidden_size']}", "dtype": meta["dtype"], "path": out}
     ref = train_reference("shakespeare", seconds)
     # What each sampling precision costs: the validation split scored through the sampling step.
     text = load_corpus("shakespeare")
     val = text[len(split_tokens(np.arange(len(text)))[0]) :]
-    exact = load(Path(out) / "best", device="cpu")
+    exact = load(Path(runs[dtypes[0]]["path"]) / "best", device="cpu")
     stepped = {
         precision: Sampler(exact.model, exact.tokenizer, dtype=precision, max_prompt_chars=len(val)).score(val, stepped=True)
         for precision in ("float32", "int8", "bfloat16")
     }
-    model = meta["model"]
-    return {"val": meta["best_val_loss"], "wall": wall, "steps": meta["step"], "stepped": stepped, "ref": ref,
-            "size": f"{model['n_layers']}x{model['hidden_size']}", "dtype": meta["dtype"]}
+    return {"runs": runs, "ref": ref, "stepped": stepped}
 
 
 # --- 6: corpora larger than memory -----------------------------------------------------------
@@ -439,8 +442,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes and short timings: a smoke run")
     parser.add_argument("--quality", action="store_true", help="also train with defaults for --quality-seconds")
     parser.add_argument("--quality-seconds", type=int, default=300)
-    parser.add_argument("--quality-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="precision of charrnn's quality run (the plain script is always fp32)")
+    parser.add_argument("--quality-dtypes", default="auto,float32",
+                        help="comma-separated --dtype values of charrnn's quality runs (the plain script is fp32)")
     parser.add_argument("--quality-only", action="store_true", help="run section 5 alone")
     parser.add_argument("--large-mb", type=int, default=200, help="size of the generated corpus for section 6 (0: skip)")
     args = parser.parse_args()
@@ -464,15 +467,18 @@ def main() -> None:
         throughput_tables(args, peak16, peak32)
 
     if args.quality or args.quality_only:
-        q = bench_quality(args.quality_seconds, args.quality_dtype)
+        dtypes = args.quality_dtypes.split(",")
+        q = bench_quality(args.quality_seconds, dtypes)
         r = q["ref"]
-        print(f"\n5. quality, {args.quality_seconds} s of training each, one after the other: "
-              f"train.py --data shakespeare --dtype {args.quality_dtype} ({q['size']}, {q['dtype']}, {q['steps']} steps): "
-              f"{q['val']:.4f} nats/char ({q['val'] / math.log(2):.3f} bpc); plain fp32 LSTM 2x512 script "
-              f"({r['steps']} steps, {r['chars_per_s']:,.0f} chars/s): {r['val']:.4f}; charrnn lower by "
-              f"{r['val'] - q['val']:+.4f} nats/char")
-        print("   the validation split scored through the sampling step (16 segments, each from a fresh state): "
-              + ", ".join(f"{p} {v:.5f}" for p, v in q["stepped"].items()))
+        print(f"\n5. quality after {args.quality_seconds} s of training each, one after the other "
+              f"(full validation split, nats/char):")
+        print(f"   plain fp32 LSTM 2x512 script: {r['val']:.4f} ({r['steps']} steps, {r['chars_per_s']:,.0f} chars/s)")
+        for dtype, run in q["runs"].items():
+            print(f"   train.py --data shakespeare --dtype {dtype}: {run['val']:.4f} ({run['val'] / math.log(2):.3f} bpc; "
+                  f"{run['size']} {run['dtype']}, {run['steps']} steps, {run['wall']:.0f} s wall): "
+                  f"lower by {r['val'] - run['val']:+.4f}")
+        print(f"   the {dtypes[0]} model's validation split scored through the sampling step (16 segments, each from a "
+              "fresh state): " + ", ".join(f"{p} {v:.5f}" for p, v in q["stepped"].items()))
 
 if __name__ == "__main__":
     main()

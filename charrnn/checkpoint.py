@@ -262,6 +262,8 @@ def load_checkpoint(
     hashes = config["files"]
     try:
         model_config = ModelConfig.from_dict(config["model"])
+        if model_config.unresolved:  # a saved model always has its size: auto was resolved before training
+            raise ConfigError(f"{', '.join(model_config.unresolved)} missing")
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path / CONFIG_FILE} holds an invalid model config: {exc}") from None
 

@@ -68,7 +68,7 @@ class ModelConfig:
     embedding_size: int = field(default=64, metadata=_help("size of the character embedding"))
     dropout: float | None = field(
         default=None,
-        metadata=_help("dropout between layers and before the output head, in [0, 1) (auto: 0 for a run that reads the corpus up to twice, more beyond)", auto=True),
+        metadata=_help("dropout between layers and before the output head, in [0, 1) (auto: 0 for a run that reads the corpus up to four times, more beyond)", auto=True),
     )
 
     def __post_init__(self) -> None:

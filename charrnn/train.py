@@ -110,6 +110,10 @@ def merge_resume_config(
         if not isinstance(saved_train, dict):
             raise ConfigError(f"'train' is a {type(saved_train).__name__}, not an object")
         TrainConfig(**{f.name: saved_train[f.name] for f in fields(TrainConfig) if f.name in saved_train})
+        # A saved run's settings were all chosen before it trained: an auto (None) one is damage.
+        unset = [f.name for f in fields(TrainConfig) if f.metadata.get("auto") and saved_train.get(f.name, 0) is None]
+        if unset:
+            raise ConfigError(f"{', '.join(unset)} missing")
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(
             f"{saved.path / 'config.json'} holds invalid training settings ({exc}): the checkpoint is damaged; "

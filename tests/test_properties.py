@@ -89,7 +89,7 @@ def pristine(tmp_path_factory) -> Path:
     """A small valid checkpoint with training state, never modified (examples work on copies)."""
     tok = CharTokenizer.from_text(CORPUS)
     torch.manual_seed(0)
-    model = CharRNN(ModelConfig(vocab_size=tok.vocab_size, n_layers=2, hidden_size=8, embedding_size=4))
+    model = CharRNN(ModelConfig(vocab_size=tok.vocab_size, n_layers=2, hidden_size=8, embedding_size=4, dropout=0.1))
     meta = {"step": 3, "train": TrainConfig(data="x.txt").to_dict()}
     tensors = {"rng.cpu": torch.get_rng_state(), "optim.0.exp_avg": torch.zeros(4, 4)}
     path = save_checkpoint(tmp_path_factory.mktemp("pristine") / "last", model, tok, meta, tensors, {"step": 3})

@@ -9,6 +9,7 @@ import torch
 
 from charrnn.cli import train_parser
 from charrnn.config import ModelConfig, TrainConfig
+from charrnn.errors import ConfigError
 from charrnn.model import CharRNN
 from charrnn.sizing import CANDIDATES, choose_size, plan_run, step_weights
 from charrnn.train import Trainer
@@ -90,3 +91,8 @@ def test_the_trainer_runs_what_the_plan_chose(tmp_path):
     assert (trainer.model_config.hidden_size, trainer.model_config.n_layers) == CANDIDATES[0]  # 18k chars: the smallest
     result = trainer.run()
     assert result.step == 3
+
+
+def test_a_given_min_lr_above_the_chosen_lr_is_refused():
+    with pytest.raises(ConfigError, match="--min-lr must be in"):
+        plan_run(step_budget(100, min_lr=1.0), ModelConfig(vocab_size=65), 1_000_000, CPU, torch.float32)
