@@ -34,7 +34,7 @@ from charrnn.data import load_corpus, split_tokens  # noqa: E402
 from charrnn.model import CharRNN  # noqa: E402
 from charrnn.sampling import Sampler, load  # noqa: E402
 from charrnn.tokenizer import CharTokenizer  # noqa: E402
-from charrnn.train import Trainer  # noqa: E402
+from charrnn.training.trainer import Trainer  # noqa: E402
 
 VOCAB = 65
 
@@ -292,7 +292,7 @@ def bench_memory(args, corpus: Path) -> dict:
     small = child_peak_rss(setup + "s.generate('A', length=1000, seed=0)")
     large = child_peak_rss(setup + f"s.generate('A', length={args.memory_chars}, seed=0)")
     train = child_anon(
-        "from charrnn.train import Trainer; from charrnn.config import TrainConfig, ModelConfig\n"
+        "from charrnn.training.trainer import Trainer; from charrnn.config import TrainConfig, ModelConfig\n"
         f"t = Trainer(TrainConfig(data={str(corpus)!r}, out={tempfile.mkdtemp()!r}, seq_len={args.seq_len}, "
         f"batch_size={args.batch}, max_iters=10, max_time=0, progress=False, sample_chars=0, device='cpu'), "
         f"ModelConfig(hidden_size={args.hidden}, embedding_size={args.emb}))\n"
@@ -343,7 +343,7 @@ def bench_large_corpus(megabytes: int, args) -> dict:
         )
         first_step = (
             "import time; t = time.perf_counter()\n"
-            "from charrnn.train import Trainer; from charrnn.config import TrainConfig, ModelConfig\n"
+            "from charrnn.training.trainer import Trainer; from charrnn.config import TrainConfig, ModelConfig\n"
             f"tr = Trainer(TrainConfig(data={str(corpus)!r}, out={tmp!r}, seq_len={args.seq_len}, batch_size={args.batch}, "
             "max_iters=10, max_time=0, progress=False, sample_chars=0, device='cpu'), "
             f"ModelConfig(hidden_size={args.hidden}, embedding_size={args.emb}))\n"

@@ -110,7 +110,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def _train_main(argv: list[str]) -> int:
-    from .train import train
+    from .training.trainer import train
 
     parser = train_parser()
     args = vars(parser.parse_args(argv))

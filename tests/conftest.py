@@ -20,7 +20,7 @@ import torch
 
 import charrnn
 from charrnn.config import ModelConfig, TrainConfig
-from charrnn.train import train
+from charrnn.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE_CANDIDATES = (

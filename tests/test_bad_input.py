@@ -17,7 +17,7 @@ from charrnn.cli import sample_main, train_main
 from charrnn.config import ModelConfig, SampleConfig, TrainConfig
 from charrnn.errors import CheckpointError, ConfigError, CorpusError, PromptError
 from charrnn.sampling import MAX_PROMPT_CHARS
-from charrnn.train import Trainer
+from charrnn.training.trainer import Trainer
 
 from conftest import PYTHON, SAMPLE_SCRIPT, TINY_TRAIN_FLAGS, TRAIN_SCRIPT, tiny_model_config, tiny_train_config
 

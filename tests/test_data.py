@@ -19,7 +19,7 @@ from charrnn.data import (
 )
 from charrnn.errors import CorpusError
 from charrnn.tokenizer import CharTokenizer
-from charrnn.train import Trainer
+from charrnn.training.trainer import Trainer
 
 from conftest import tiny_model_config, tiny_train_config
 

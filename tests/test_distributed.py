@@ -97,7 +97,7 @@ def test_a_failing_rank_ends_the_job_with_its_message(small_corpus_file, subproc
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
         from charrnn.errors import TrainingError
-        from charrnn.train import Trainer
+        from charrnn.training.trainer import Trainer
         original = Trainer.train_step
         def train_step(self):
             if os.environ["RANK"] == "1" and self.step == 3:

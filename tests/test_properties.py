@@ -17,7 +17,7 @@ from charrnn.config import ModelConfig, TrainConfig
 from charrnn.errors import CheckpointError, ConfigError
 from charrnn.model import CharRNN
 from charrnn.tokenizer import REPLACEMENT_CHAR, UNK_ID, CharTokenizer
-from charrnn.train import merge_resume_config
+from charrnn.training.trainer import merge_resume_config
 
 from conftest import make_text
 

@@ -26,14 +26,14 @@ import torch
 
 import charrnn
 import charrnn.checkpoint as ckpt_module
-import charrnn.train as train_module
+import charrnn.training.trainer as train_module
 from charrnn.cli import sample_main
 from charrnn.config import TrainConfig
 from charrnn.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from charrnn.errors import CheckpointError, TrainingError
 from charrnn.model import CharRNN
 from charrnn.tokenizer import CharTokenizer
-from charrnn.train import Trainer
+from charrnn.training.trainer import Trainer
 
 from conftest import (
     PYTHON,

@@ -12,7 +12,7 @@ from charrnn import data
 from charrnn.errors import ConfigError, CorpusError
 from charrnn.token_cache import cache_folder, corpus_tokens, count_characters
 from charrnn.tokenizer import CharTokenizer
-from charrnn.train import Trainer
+from charrnn.training.trainer import Trainer
 
 from conftest import tiny_model_config, tiny_train_config
 

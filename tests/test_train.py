@@ -15,7 +15,7 @@ from charrnn.checkpoint import load_checkpoint, save_checkpoint
 from charrnn.evaluation import evaluate
 from charrnn.model import CharRNN
 from charrnn.tokenizer import CharTokenizer
-from charrnn.train import Trainer, train
+from charrnn.training.trainer import Trainer, train
 
 from conftest import make_text, tiny_model_config, tiny_train_config
 
@@ -165,7 +165,7 @@ def test_single_stream_evaluate_is_the_mean_cross_entropy(sampler):
 
 
 def test_a_finished_run_draws_its_loss_curves(tmp_path, corpus_file, capsys):
-    from charrnn.train import train
+    from charrnn.training.trainer import train
 
     result = train(tiny_train_config(corpus_file, tmp_path / "run", plot=True), tiny_model_config())
     png = result.run_dir / "training.png"

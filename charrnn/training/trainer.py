@@ -27,16 +27,16 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .config import ModelConfig, TrainConfig
-from .data import BatchStreams, StreamPosition, corpus_name, split_tokens
-from .device import autocast, resolve_device, resolve_dtype
+from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..config import ModelConfig, TrainConfig
+from ..data import BatchStreams, StreamPosition, corpus_name, split_tokens
+from ..device import autocast, resolve_device, resolve_dtype
 from .distributed import Distributed
-from .errors import CheckpointError, ConfigError, CorpusError, TrainingError
-from .evaluation import LN2, evaluate
-from .model import CharRNN, Hidden, count_parameters, detach_hidden
-from .sampling import Sampler
-from .token_cache import corpus_tokens
+from ..errors import CheckpointError, ConfigError, CorpusError, TrainingError
+from ..evaluation import LN2, evaluate
+from ..model import CharRNN, Hidden, count_parameters, detach_hidden
+from ..sampling import Sampler
+from ..token_cache import corpus_tokens
 
 # Settings that may change when a run resumes (with a warning for the ones that matter).
 _QUIET_ON_RESUME = {"resume", "out", "device", "progress", "plot"}
@@ -541,7 +541,7 @@ class Trainer:
 def _plot(run_dir: Path) -> Path | None:
     """The run's loss curves as a PNG, when matplotlib is installed; never fails a finished run."""
     try:
-        from .plot import plot_run
+        from ..plot import plot_run
 
         return plot_run(run_dir)
     except Exception as exc:  # a picture is a bonus: report, do not fail the run
