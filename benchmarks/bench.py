@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from charrnn.config import ModelConfig, TrainConfig  # noqa: E402
-from charrnn.data import load_corpus, split_tokens  # noqa: E402
+from charrnn.data.corpus import load_corpus  # noqa: E402
+from charrnn.data.streams import split_tokens  # noqa: E402
+from charrnn.generation.sampler import Sampler, load  # noqa: E402
 from charrnn.model import CharRNN  # noqa: E402
-from charrnn.sampling import Sampler, load  # noqa: E402
 from charrnn.tokenizer import CharTokenizer  # noqa: E402
 from charrnn.training.trainer import Trainer  # noqa: E402
 
@@ -123,8 +124,18 @@ def write_corpus(path: Path, chars: int) -> None:
 def bench_training(cell: str, args, corpus: Path, peak_bf16: float, peak_fp32: float) -> dict:
     hidden, layers, emb, seq, batch = args.hidden, 2, args.emb, args.seq_len, args.batch
     config = TrainConfig(
-        data=str(corpus), out=tempfile.mkdtemp(), seq_len=seq, batch_size=batch, max_iters=10**9,
-        max_time=0, progress=False, sample_chars=0, device="cpu", warmup_iters=0, lr=2e-3, min_lr=2e-3,
+        data=str(corpus),
+        out=tempfile.mkdtemp(),
+        seq_len=seq,
+        batch_size=batch,
+        max_iters=10**9,
+        max_time=0,
+        progress=False,
+        sample_chars=0,
+        device="cpu",
+        warmup_iters=0,
+        lr=2e-3,
+        min_lr=2e-3,
     )
     trainer = Trainer(config, ModelConfig(cell=cell, n_layers=layers, hidden_size=hidden, embedding_size=emb, dropout=0.0))
     vocab = trainer.tokenizer.vocab_size
@@ -215,7 +226,9 @@ def sampling_rate(sampler: Sampler, streams: int, length: int) -> float:
 
 def bench_sampling(args) -> dict:
     torch.manual_seed(0)
-    model = CharRNN(ModelConfig(vocab_size=VOCAB, cell="lstm", n_layers=2, hidden_size=args.hidden, embedding_size=args.emb, dropout=0.0))
+    model = CharRNN(
+        ModelConfig(vocab_size=VOCAB, cell="lstm", n_layers=2, hidden_size=args.hidden, embedding_size=args.emb, dropout=0.0)
+    )
     model.eval()
     tokenizer = CharTokenizer([chr(32 + i) for i in range(VOCAB - 1)])
     ref = Reference("lstm", VOCAB, args.emb, args.hidden, 2).eval()
@@ -264,7 +277,10 @@ def child_measure(code: str) -> tuple[float, float, float]:
     )
     out = subprocess.run(
         [sys.executable, "-c", prologue + code + "\nprint(base, rss('VmHWM:'), anon, rss('RssAnon:'))"],
-        capture_output=True, text=True, cwd=ROOT, check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
     )
     lines = out.stdout.strip().splitlines()
     base, peak, anon_start, anon_end = map(int, lines[-1].split())
@@ -285,7 +301,7 @@ def child_anon(code: str) -> float:
 def bench_memory(args, corpus: Path) -> dict:
     setup = (
         "import torch; from charrnn.model import CharRNN; from charrnn.config import ModelConfig\n"
-        "from charrnn.sampling import Sampler; from charrnn.tokenizer import CharTokenizer\n"
+        "from charrnn.generation.sampler import Sampler; from charrnn.tokenizer import CharTokenizer\n"
         f"m = CharRNN(ModelConfig(vocab_size={VOCAB}, hidden_size={args.hidden}, embedding_size={args.emb}))\n"
         f"s = Sampler(m, CharTokenizer([chr(32 + i) for i in range({VOCAB - 1})]))\n"
     )
@@ -309,7 +325,8 @@ def bench_quality(seconds: int) -> dict:
     start = time.perf_counter()
     subprocess.run(
         [sys.executable, "train.py", "--data", "shakespeare", "--max-time", str(seconds), "--out", out, "--sample-chars", "0"],
-        cwd=ROOT, check=True,
+        cwd=ROOT,
+        check=True,
     )
     wall = time.perf_counter() - start
     meta = json.loads((Path(out) / "best" / "config.json").read_text())
@@ -338,7 +355,7 @@ def bench_large_corpus(megabytes: int, args) -> dict:
                 f.write(" ".join(rng.choice(words, 100_000)) + ".\n")
         size = corpus.stat().st_size
         encode = child_measure(
-            "import time; from charrnn.token_cache import corpus_tokens\n"
+            "import time; from charrnn.data.token_cache import corpus_tokens\n"
             f"t = time.perf_counter(); tokens, _ = corpus_tokens({str(corpus)!r}); print(time.perf_counter() - t)"
         )
         first_step = (
@@ -374,8 +391,10 @@ def main() -> None:
         args.sample_chars, args.sample_chars_batch, args.memory_chars, args.peak_seconds = 5000, 500, 100_000, 3.0
 
     steady_malloc()
-    print(f"charrnn benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'quick' if args.quick else 'full'} run; reference = plain fp32 PyTorch\n")
+    print(
+        f"charrnn benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{'quick' if args.quick else 'full'} run; reference = plain fp32 PyTorch\n"
+    )
     peak32 = matmul_peak(torch.float32, 1024 if args.quick else 2048, args.peak_seconds)
     peak16 = matmul_peak(torch.bfloat16, 1024 if args.quick else 2048, args.peak_seconds)
     print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
@@ -385,41 +404,57 @@ def main() -> None:
         corpus = Path(tmp) / "corpus.txt"
         write_corpus(corpus, 2_000_000 if not args.quick else 200_000)
         print(f"\n1-2. training throughput ({size}) and loss agreement after {args.agree_steps} steps")
-        print(f"{'cell':<9} {'charrnn chars/s':>15} {'reference':>10} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7} "
-              f"{'loss ours':>9} {'loss ref':>9} {'|diff|':>7}")
+        print(
+            f"{'cell':<9} {'charrnn chars/s':>15} {'reference':>10} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7} "
+            f"{'loss ours':>9} {'loss ref':>9} {'|diff|':>7}"
+        )
         for cell in args.cells:
             r = bench_training(cell, args, corpus, peak16, peak32)
-            print(f"{cell:<9} {r['ours']:>15,.0f} {r['ref']:>10,.0f} {r['ours'] / r['ref']:>5.2f}x {r['gflops']:>8.0f} "
-                  f"{100 * r['gflops'] / r['peak']:>6.0f}% {r['loss_ours']:>9.4f} {r['loss_ref']:>9.4f} {r['agree']:>7.4f}"
-                  f"   ({r['dtype']} vs float32)")
+            print(
+                f"{cell:<9} {r['ours']:>15,.0f} {r['ref']:>10,.0f} {r['ours'] / r['ref']:>5.2f}x {r['gflops']:>8.0f} "
+                f"{100 * r['gflops'] / r['peak']:>6.0f}% {r['loss_ours']:>9.4f} {r['loss_ref']:>9.4f} {r['agree']:>7.4f}"
+                f"   ({r['dtype']} vs float32)"
+            )
 
         s = bench_sampling(args)
         print(f"\n3. sampling, LSTM 2x{args.hidden}: charrnn's Sampler against nn.LSTM called per character")
-        print(f"   1 stream:   {s['ours1']:>9,.0f} chars/s vs {s['ref1']:>8,.0f}  ({s['ours1'] / s['ref1']:.1f}x)   "
-              f"[{s['kinds']['1 stream (auto)']}]; float32: {s['exact1']:,.0f} ({s['exact1'] / s['ref1']:.1f}x)")
-        print(f"   64 streams: {s['ours64']:>9,.0f} chars/s vs {s['ref64']:>8,.0f}  ({s['ours64'] / s['ref64']:.1f}x)   "
-              f"[{s['kinds']['64 streams (auto)']}]; float32: {s['exact64']:,.0f} ({s['exact64'] / s['ref64']:.1f}x)")
+        print(
+            f"   1 stream:   {s['ours1']:>9,.0f} chars/s vs {s['ref1']:>8,.0f}  ({s['ours1'] / s['ref1']:.1f}x)   "
+            f"[{s['kinds']['1 stream (auto)']}]; float32: {s['exact1']:,.0f} ({s['exact1'] / s['ref1']:.1f}x)"
+        )
+        print(
+            f"   64 streams: {s['ours64']:>9,.0f} chars/s vs {s['ref64']:>8,.0f}  ({s['ours64'] / s['ref64']:.1f}x)   "
+            f"[{s['kinds']['64 streams (auto)']}]; float32: {s['exact64']:,.0f} ({s['exact64'] / s['ref64']:.1f}x)"
+        )
         for name, diff in s["diffs"].items():
             print(f"   stepwise logits vs reference, {name} [{s['kinds'][name]}]: max |diff| {diff:.2e}")
 
         m = bench_memory(args, corpus)
-        print(f"\n4. memory added by the work (above python + torch): training {m['train']:.0f} MB anonymous; peak RSS sampling 1,000 chars "
-              f"{m['sample_small']:.0f} MB, {args.memory_chars:,} chars {m['sample_large']:.0f} MB")
+        print(
+            f"\n4. memory added by the work (above python + torch): training {m['train']:.0f} MB anonymous; peak RSS sampling 1,000 chars "
+            f"{m['sample_small']:.0f} MB, {args.memory_chars:,} chars {m['sample_large']:.0f} MB"
+        )
 
     large_mb = 5 if args.quick else args.large_mb
     if large_mb:
         g = bench_large_corpus(large_mb, args)
-        print(f"\n6. a generated {g['mb']:.0f} MB corpus: encoding {g['mb'] / g['encode_s']:.0f} MB/s "
-              f"({g['encode_s']:.1f} s), peak RSS added while encoding +{g['encode_rss']:.0f} MB "
-              f"({g['encode_rss'] / g['mb']:.2f}x the corpus); second run (cache hit): first training step after "
-              f"{g['hit_s']:.2f} s, training +{g['train_anon']:.0f} MB anonymous (vs +{m['train']:.0f} MB on a 2 MB corpus)")
+        print(
+            f"\n6. a generated {g['mb']:.0f} MB corpus: encoding {g['mb'] / g['encode_s']:.0f} MB/s "
+            f"({g['encode_s']:.1f} s), peak RSS added while encoding +{g['encode_rss']:.0f} MB "
+            f"({g['encode_rss'] / g['mb']:.2f}x the corpus); second run (cache hit): first training step after "
+            f"{g['hit_s']:.2f} s, training +{g['train_anon']:.0f} MB anonymous (vs +{m['train']:.0f} MB on a 2 MB corpus)"
+        )
 
     if args.quality:
         q = bench_quality(args.quality_seconds)
-        print(f"\n5. quality: train.py --data shakespeare --max-time {args.quality_seconds}: best val "
-              f"{q['val']:.4f} nats/char ({q['val'] / math.log(2):.3f} bpc) after {q['steps']} steps, {q['wall']:.0f} s wall")
-        print("   the validation split scored through the sampling step (16 segments, each from a fresh state): "
-              + ", ".join(f"{p} {v:.5f}" for p, v in q["stepped"].items()))
+        print(
+            f"\n5. quality: train.py --data shakespeare --max-time {args.quality_seconds}: best val "
+            f"{q['val']:.4f} nats/char ({q['val'] / math.log(2):.3f} bpc) after {q['steps']} steps, {q['wall']:.0f} s wall"
+        )
+        print(
+            "   the validation split scored through the sampling step (16 segments, each from a fresh state): "
+            + ", ".join(f"{p} {v:.5f}" for p, v in q["stepped"].items())
+        )
 
 
 if __name__ == "__main__":

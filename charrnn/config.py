@@ -100,20 +100,34 @@ class TrainConfig:
         metadata=_help("corpus: 'shakespeare', a .txt file, a folder of text files, or hf:OWNER/NAME"),
     )
     hf_split: str = field(default="train", metadata=_help("split of an hf: dataset"))
-    hf_column: str | None = field(default=None, metadata=_help("text column of an hf: dataset (default: 'text' or the only string column)"))
-    max_vocab: int = field(default=0, metadata=_help("keep the N most frequent characters; rarer ones read as <unk> (0: keep all)"))
+    hf_column: str | None = field(
+        default=None, metadata=_help("text column of an hf: dataset (default: 'text' or the only string column)")
+    )
+    max_vocab: int = field(
+        default=0, metadata=_help("keep the N most frequent characters; rarer ones read as <unk> (0: keep all)")
+    )
     out: str | None = field(default=None, metadata=_help("run directory (default: checkpoints/<data>-<time>)"))
     resume: str | None = field(default=None, metadata=_help("continue training from this checkpoint (a run's 'last' directory)"))
     seq_len: int = field(default=64, metadata=_help("characters per truncated-BPTT chunk"))
-    batch_size: int = field(default=128, metadata=_help("parallel streams per step, per process (under torchrun the global batch is this x the number of processes)"))
+    batch_size: int = field(
+        default=128,
+        metadata=_help(
+            "parallel streams per step, per process (under torchrun the global batch is this x the number of processes)"
+        ),
+    )
     lr: float = field(default=3e-3, metadata=_help("peak learning rate (AdamW)"))
     min_lr: float = field(default=3e-4, metadata=_help("learning rate at the end of the cosine decay"))
     warmup_iters: int = field(default=100, metadata=_help("steps of linear warm-up"))
-    lr_decay_iters: int = field(default=0, metadata=_help("steps of the cosine decay (0: decay over the budget, --max-iters or --max-time)"))
+    lr_decay_iters: int = field(
+        default=0, metadata=_help("steps of the cosine decay (0: decay over the budget, --max-iters or --max-time)")
+    )
     weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay on weight matrices"))
     grad_clip: float = field(default=1.0, metadata=_help("clip the global gradient norm to this (0: off)"))
     max_iters: int = field(default=0, metadata=_help("stop after this many steps (0: no step limit)"))
-    max_time: float = field(default=300.0, metadata=_help("stop after this many seconds of training steps; evaluations come on top (0: no time limit)"))
+    max_time: float = field(
+        default=300.0,
+        metadata=_help("stop after this many seconds of training steps; evaluations come on top (0: no time limit)"),
+    )
     eval_interval: int = field(default=250, metadata=_help("evaluate on the full validation split every N steps"))
     patience: int = field(default=5, metadata=_help("stop after N evaluations without improvement (0: never)"))
     sample_chars: int = field(default=200, metadata=_help("characters of sample text printed at each evaluation (0: none)"))
@@ -179,3 +193,25 @@ class SampleConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @classmethod
+    def from_options(cls, base: "SampleConfig | None" = None, **options: Any) -> "SampleConfig":
+        """``base`` (default: the defaults) with ``options`` as a front end passes them: None
+        means "not given", and ``stop`` may be one string or any sequence of strings."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        _check(not unknown, f"unknown sampling option(s) {', '.join(unknown)}; the options are {', '.join(sorted(names))}")
+        values = asdict(base) if base is not None else {}
+        values.update({k: v for k, v in options.items() if v is not None})
+        stop = values.get("stop")
+        if isinstance(stop, str):
+            values["stop"] = (stop,)
+        elif stop is not None and not isinstance(stop, tuple):
+            try:
+                values["stop"] = tuple(stop)
+            except TypeError:
+                raise ConfigError(f"stop must be a string or a list of strings, got {stop!r}") from None
+        return cls(**values)
+
+
+SAMPLE_DEFAULTS = SampleConfig()  # the one place every front end takes its sampling defaults from

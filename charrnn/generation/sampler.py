@@ -1,89 +1,54 @@
-"""Sampling: logits processors, generate, stream, predict_next, score (chat: ``charrnn.chat``).
+"""The Sampler: a loaded model that writes, and its public continuation API.
 
-Everything here carries the hidden state forward one character at a time over the
-pre-packed :class:`~charrnn.stepper.Stepper`; nothing re-reads a prefix. Each call
-draws from its own ``torch.Generator``, so the same seed gives the same text, and
-threads can share one :class:`Sampler`.
+Everything here carries the hidden state forward one character at a time over a
+pre-packed stepper (``charrnn.generation.stepper`` / ``native``); nothing re-reads a
+prefix. Each call draws from its own ``torch.Generator``, so the same seed gives the
+same text, and threads can share one :class:`Sampler`.
+
+The continuation API is what the chat session, the server and a user's own code build
+on::
+
+    context = sampler.read("ROMEO:\n")              # the state after a text
+    reply = sampler.continue_from(context, length=200, stop="\n\n")
+    for piece in reply:                              # pieces as they are sampled
+        print(piece, end="")
+    context = reply.context                          # right after the text shown, stop string left out
 """
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from .checkpoint import find_latest_checkpoint, load_checkpoint
-from .config import SampleConfig
-from .device import cpu_has_fast_bf16, resolve_device
-from .errors import ConfigError, PromptError
-from .evaluation import evaluate
-from .model import CharRNN, Hidden
+from ..checkpoint import find_latest_checkpoint, load_checkpoint
+from ..config import SampleConfig
+from ..device import cpu_has_fast_bf16, resolve_device
+from ..errors import ConfigError, PromptError
+from ..evaluation import evaluate
+from ..model import CharRNN, Hidden
+from ..tokenizer import CharTokenizer
+from .chat import ChatSession
 from .native import BatchedStepper, NativeStepper, has_tiles, load_kernel
-from .stepper import StateAfter, Stepper, run_steps
-from .tokenizer import CharTokenizer
-
-if TYPE_CHECKING:
-    from .chat import ChatSession
+from .processors import new_generator
+from .stepper import Context, StateAfter, Stepper, choose_stepper
+from .stops import StopScanner
 
 MAX_PROMPT_CHARS = 100_000
 MAX_SAMPLES = 4096  # streams sampled side by side in one call
-BATCH_STREAMS = 8  # from this many streams on, products run as batched matrix products
 PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 _PRIME_CHUNK = 2048
 _SAMPLE_CHUNK = 64  # characters sampled per call before the text is scanned for stop strings
 
-
-# --- logits processors ------------------------------------------------------------------
-
-
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits of each row (ties at the k-th kept), -inf elsewhere."""
-    if k <= 0 or k >= logits.size(-1):
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of likeliest characters whose probability reaches p."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # ties: as the kernel
-    probs = torch.softmax(sorted_logits, dim=-1)
-    # Drop a character if the ones before it already reach p; the first always stays.
-    drop = (torch.cumsum(probs, dim=-1) - probs) >= p
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-
-
-def pick_next(logits: torch.Tensor, config: SampleConfig, uniforms: torch.Tensor) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V) under temperature, top-k and top-p.
-
-    Each row draws by inverse CDF with its own uniform in [0, 1) (``uniforms``, (B,)):
-    the first character whose cumulative probability, in vocabulary order, exceeds
-    u times the total. The fused kernel applies the same rule, so a seed means the
-    same uniforms on every path.
-    """
-    if config.greedy:
-        return logits.argmax(dim=-1)
-    wide = torch.float32 if logits.device.type == "mps" else torch.float64  # MPS has no float64
-    logits = apply_top_p(apply_top_k(logits.to(wide) / config.temperature, config.top_k), config.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    cdf = torch.cumsum(probs, dim=-1)
-    picked = (cdf <= uniforms.to(cdf)[:, None] * cdf[:, -1:]).sum(dim=-1)
-    # Rounding can leave the target at the very top: take the last character still allowed.
-    last = probs.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
-    return torch.minimum(picked, last)
+AnyStepper = Stepper | NativeStepper | BatchedStepper
 
 
 def sample_steps(
-    stepper: Stepper | NativeStepper | BatchedStepper,
+    stepper: AnyStepper,
     logits: torch.Tensor,
     hidden: Hidden,
     config: SampleConfig,
@@ -96,63 +61,124 @@ def sample_steps(
     token j, so a caller can stop after any of them. Without ``every_state`` only the
     state after the last token need be kept.
     """
-    if not isinstance(stepper, Stepper):  # the kernel's steppers pick in the kernel (temperature 0: greedy)
-        return stepper.sample(logits, hidden, uniforms, config.temperature, config.top_k, config.top_p, every_state)
-    return run_steps(stepper.step, lambda logits, u: pick_next(logits, config, u), logits, hidden, uniforms, every_state)
+    return stepper.sample(logits, hidden, uniforms, config.temperature, config.top_k, config.top_p, every_state)
 
 
-def new_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator from ``seed``, or from fresh OS entropy when it is None."""
-    if seed is None:
-        seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
-    return torch.Generator().manual_seed(seed)
+class _Run:
+    """The sampling loop for B streams: tokens in chunks, decoded, watched for stop strings.
 
-
-# --- stop strings -------------------------------------------------------------------------
-
-
-class StopScanner:
-    """Releases generated text as soon as it cannot be the start of a stop string.
-
-    ``push`` returns the text that is safe to show now; text that might begin a stop
-    string is held back until it is clear. Once a stop string appears, ``done`` is set
-    and the text before it is returned; the stop string itself is never returned.
+    With ``track``, it remembers the states of the last chunks, enough to give the
+    context right after the text of stream 0 that was released (:attr:`context`).
     """
 
-    def __init__(self, stops: Sequence[str]):
-        self.stops = tuple(stops)
-        self.pending = ""
-        self.done = False
-        self.stop_length = 0  # characters of the stop string that ended the text
+    def __init__(self, sampler: "Sampler", context: Context, config: SampleConfig, generator: torch.Generator, track: bool):
+        self.sampler, self.start, self.config, self.generator, self.track = sampler, context, config, generator, track
+        self.streams = context.logits.size(0)
+        self.scanners = [StopScanner(config.stop) for _ in range(self.streams)]
+        self.produced = 0  # tokens sampled per stream so far
+        self.finish_reason: str | None = None
+        # (index of its first token, token count, state after each) of the chunks the context may
+        # still rewind into: at most the longest stop string back from the newest token.
+        self.recent: list[tuple[int, int, StateAfter]] = []
+        self.reach = max((len(stop) for stop in config.stop), default=0)
 
-    def push(self, text: str) -> str:
-        self.pending += text
-        matches = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
-        if matches:
-            start = min(matches)[0]
-            # A match is seen the moment it completes, so everything from `start` on is the stop string.
-            out, self.stop_length = self.pending[:start], len(self.pending) - start
-            self.done, self.pending = True, ""
-            return out
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = k
-                    break
-        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
-        return out
+    def chunks(self) -> Iterator[tuple[torch.Tensor, StateAfter]]:
+        """``config.length`` tokens per stream, as ``sample_steps`` chunks; the uniforms come
+        from the generator in order, so the text does not depend on the chunk size."""
+        stepper = self.sampler.stepper(self.streams)
+        logits, hidden, length = self.start.logits, self.start.hidden, self.config.length
+        with torch.no_grad():
+            for produced in range(0, length, _SAMPLE_CHUNK):
+                count = min(_SAMPLE_CHUNK, length - produced)
+                uniforms = torch.rand(count, self.streams, generator=self.generator, dtype=torch.float64)
+                tokens, state = sample_steps(stepper, logits, hidden, self.config, uniforms, self.track)
+                logits, hidden = state(count - 1)
+                yield tokens, state
 
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
+    def pieces(self) -> Iterator[tuple[int, str]]:
+        """(stream, text) pieces as soon as each is safe to show; stop strings never are."""
+        active = list(range(self.streams))
+        decode = self.sampler.tokenizer.decode
+        for tokens, state in self.chunks():
+            if self.track:
+                self._remember(len(tokens), state)
+            for ids in tokens.tolist():
+                self.produced += 1
+                for i in active:
+                    piece = self.scanners[i].push(decode((ids[i],)))
+                    if piece:
+                        yield i, piece
+                active = [i for i in active if not self.scanners[i].done]
+                if not active:
+                    self.finish_reason = "stop"
+                    return
+        for i in active:
+            piece = self.scanners[i].flush()
+            if piece:
+                yield i, piece
+        self.finish_reason = "stop" if len(active) < self.streams else "length"
+
+    def _remember(self, count: int, state: StateAfter) -> None:
+        self.recent.append((self.produced, count, state))
+        horizon = self.produced + count - 1 - self.reach  # the earliest token the context can rewind to
+        while len(self.recent) > 1 and self.recent[0][0] + self.recent[0][1] - 1 < horizon:
+            self.recent.pop(0)
+
+    def context(self) -> Context:
+        """The context right after the text of stream 0 released so far."""
+        if not self.track:
+            raise RuntimeError("this continuation was made without keep_context")
+        scanner = self.scanners[0]
+        unshown = scanner.stop_length if scanner.done else len(scanner.pending)
+        last = self.produced - 1 - unshown  # the last token whose character was shown; -1: none
+        if last < 0:
+            return self.start
+        for first, count, state in self.recent:
+            if first <= last < first + count:
+                logits, hidden = state(last - first)
+                return Context(logits, hidden)
+        raise AssertionError("the context rewound past the chunks kept")  # the horizon rules this out
 
 
-# --- the sampler ---------------------------------------------------------------------------
+class Continuation:
+    """Text sampled on from a :class:`Context`, piece by piece (iterate it).
+
+    ``context`` is, at any moment, the context right after the text yielded so far,
+    with a stop string left out, also when the reader stops early and closes it.
+    ``finish_reason`` becomes ``"stop"`` (a stop string ended the text) or ``"length"``
+    once the text is complete.
+    """
+
+    def __init__(self, run: _Run):
+        self._run = run
+        self._pieces = run.pieces()
+
+    def __iter__(self) -> "Continuation":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)[1]
+
+    def close(self) -> None:
+        """Stop sampling; ``context`` stays right after the text that was yielded."""
+        self._pieces.close()
+
+    @property
+    def context(self) -> Context:
+        return self._run.context()
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._run.finish_reason
+
+    @property
+    def config(self) -> SampleConfig:
+        return self._run.config
 
 
 class Sampler:
-    """A trained model ready to write: ``generate``, ``stream``, ``predict_next``, ``score``, chat."""
+    """A trained model ready to write: ``generate``, ``stream``, ``generate_many``, ``predict_next``,
+    ``score``, ``chat``, and the continuation API (``read``, ``continue_from``)."""
 
     def __init__(
         self,
@@ -161,17 +187,20 @@ class Sampler:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | str | None = None,
         max_prompt_chars: int = MAX_PROMPT_CHARS,
+        kernel: bool = True,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.dtype = _precision(dtype)
         self.max_prompt_chars = max_prompt_chars
-        self._steppers: dict[tuple[str, torch.dtype], Stepper | NativeStepper | BatchedStepper] = {}
-        if self.device.type == "cpu":
+        # kernel=False keeps to torch ops: nothing is compiled (the trainer's preview text).
+        self.kernel = kernel and self.device.type == "cpu"
+        self._steppers: dict[tuple[str, torch.dtype, int], AnyStepper] = {}
+        if self.kernel:
             load_kernel()  # built now (once per machine), not in the middle of the first reply
 
-    def stepper(self, streams: int = 1) -> Stepper | NativeStepper | BatchedStepper:
+    def stepper(self, streams: int = 1) -> AnyStepper:
         """The step function for ``streams`` parallel streams, chosen by ``dtype``.
 
         - ``None`` (auto): on a CPU, fewer than 8 streams use the fused kernel with int8
@@ -182,28 +211,20 @@ class Sampler:
         - ``torch.int8``: int8 weights, one scale per row; CPU only.
         - ``torch.bfloat16``: bfloat16 products, float32 state.
 
-        On a CPU every choice runs on charrnn's compiled kernel (``charrnn.native``), and
-        on plain torch ops where it cannot be built.
+        On a CPU every choice runs on charrnn's compiled kernel (``charrnn.generation.native``),
+        and on plain torch ops where it cannot be built. The rules are
+        :func:`~charrnn.generation.stepper.choose_stepper`.
         """
         cpu = self.device.type == "cpu"
-        kernel = load_kernel() if cpu else None
-        batch = streams >= BATCH_STREAMS
-        dtype = self.dtype
-        if dtype is None:
-            if kernel is not None and not batch:
-                dtype = torch.int8
-            else:
-                fast_bf16 = cpu_has_fast_bf16() if cpu else self.device.type == "cuda"
-                dtype = torch.bfloat16 if batch and fast_bf16 else torch.float32
-        if dtype == torch.int8 and kernel is None:
-            where = "on this machine" if cpu else f"on {self.device.type}"
-            raise ConfigError(f"int8 sampling runs on charrnn's CPU kernel, which is not available {where}: use float32 or bfloat16")
-        kind = "torch" if kernel is None else "fused" if dtype == torch.int8 or (dtype == torch.float32 and not batch) else "batched"
-        key = (kind, dtype)
+        kernel = load_kernel() if self.kernel else None
+        fast_bf16 = cpu_has_fast_bf16() if cpu else self.device.type == "cuda"
+        kind, dtype = choose_stepper(self.device.type, self.dtype, streams, kernel is not None, has_tiles(kernel), fast_bf16)
+        # A batched stepper's weights are packed for its stream count: the count is part of its key.
+        key = (kind, dtype, streams if kind == "batched" else 0)
         if key not in self._steppers:
             if kind == "fused":
                 self._steppers[key] = NativeStepper(self.model, "int8" if dtype == torch.int8 else "float32", kernel)
-            elif kind == "batched" and dtype == torch.bfloat16 and has_tiles(kernel):
+            elif kind == "tiles":
                 self._steppers[key] = NativeStepper(self.model, "bfloat16", kernel)
             elif kind == "batched":
                 self._steppers[key] = BatchedStepper(self.model, dtype, kernel, streams)
@@ -216,7 +237,7 @@ class Sampler:
         return self.tokenizer.chars
 
     # -- feeding text ----------------------------------------------------------------
-    def encode_prompt(self, text: str, allow_empty: bool = True) -> torch.Tensor:
+    def encode_prompt(self, text: str, allow_empty: bool = True, what: str = "the prompt") -> torch.Tensor:
         """Ids of ``text``, checked: bounded length, not made only of unknown characters.
 
         Unknown characters map to ``<unk>`` with a warning naming them. An empty text
@@ -224,24 +245,16 @@ class Sampler:
         """
         if len(text) > self.max_prompt_chars:
             raise PromptError(
-                f"the prompt has {len(text):,} characters; the limit is {self.max_prompt_chars:,}. A char-RNN "
+                f"{what} has {len(text):,} characters; the limit is {self.max_prompt_chars:,}. A char-RNN "
                 "remembers far less than that: pass the last part of the text, or raise max_prompt_chars"
             )
         if not text:
             if not allow_empty:
                 raise PromptError("the text is empty: give at least one character")
             text = "\n" if "\n" in self.tokenizer else self.tokenizer.chars[1]
-        unknown = self.tokenizer.unknown_chars(text)
+        unknown = self.tokenizer.check_known(text, what)
         if unknown:
-            if len(unknown) == len(set(text)):
-                raise PromptError(
-                    f"the prompt is made only of characters the model never saw ({''.join(unknown[:20])!r}): "
-                    "write it with characters of the training corpus"
-                )
-            warnings.warn(
-                f"the model never saw {''.join(unknown[:20])!r}; those characters are read as <unk>",
-                stacklevel=3,
-            )
+            warnings.warn(self.tokenizer.unknown_note(unknown), stacklevel=3)
         return torch.from_numpy(self.tokenizer.encode(text).astype(np.int64)).to(self.device)
 
     @torch.no_grad()
@@ -253,93 +266,47 @@ class Sampler:
             logits = out[:, -1].float()
         return logits, hidden
 
-    # -- the generation loop ------------------------------------------------------------
-    @torch.no_grad()
-    def _chunks(
-        self,
-        stepper: Stepper | NativeStepper | BatchedStepper,
-        logits: torch.Tensor,
-        hidden: Hidden,
-        config: SampleConfig,
-        generator: torch.Generator,
-        every_state: bool,
-    ) -> Iterator[tuple[torch.Tensor, StateAfter]]:
-        """``config.length`` characters for len(logits) streams, as (tokens, state) chunks of
-        ``sample_steps``; the uniforms come from ``generator`` in order, so the text does
-        not depend on the chunk size."""
-        for produced in range(0, config.length, _SAMPLE_CHUNK):
-            count = min(_SAMPLE_CHUNK, config.length - produced)
-            uniforms = torch.rand(count, logits.size(0), generator=generator, dtype=torch.float64)
-            tokens, state = sample_steps(stepper, logits, hidden, config, uniforms, every_state)
-            logits, hidden = state(count - 1)
-            yield tokens, state
+    # -- the continuation API -------------------------------------------------------------
+    def read(self, text: str = "", context: Context | None = None, what: str = "the prompt") -> Context:
+        """The context after reading ``text`` on from ``context`` (from the start when None).
 
-    @torch.no_grad()
-    def _run(
-        self,
-        logits: torch.Tensor,
-        hidden: Hidden,
-        config: SampleConfig,
-        generator: torch.Generator,
-        end: dict[str, Any] | None = None,
-    ) -> Iterator[tuple[int, str]]:
-        """Yield (stream index, text) pieces for len(logits) streams from the given state.
-
-        With one stream, ``end`` receives the logits and hidden state right after the
-        returned text (the stop string excluded), so a chat can continue from there.
+        An empty ``text`` from the start reads as a newline; from a context it reads nothing.
         """
-        streams = logits.size(0)
-        stepper = self.stepper(streams)
-        scanners = [StopScanner(config.stop) for _ in range(streams)]
-        active = set(range(streams))
-        # The state after each recent character (the first entry: the state before them all),
-        # to rewind to the end of the shown text.
-        start = (logits, hidden)
-        history: deque = deque([lambda: start], maxlen=max((len(s) for s in config.stop), default=0) + 1)
-        decode = self.tokenizer.decode
-        try:
-            # Rewinding into a chunk is only needed to leave a chat where its text ended.
-            for tokens, state in self._chunks(stepper, logits, hidden, config, generator, every_state=end is not None):
-                for j, ids in enumerate(tokens.tolist()):
-                    if end is not None:
-                        history.append(lambda j=j, state=state: state(j))
-                    for i in sorted(active):
-                        piece = scanners[i].push(decode((ids[i],)))
-                        if piece:
-                            yield i, piece
-                        if scanners[i].done:
-                            active.discard(i)
-                    if not active:
-                        return
-            for i in sorted(active):
-                piece = scanners[i].flush()
-                if piece:
-                    yield i, piece
-        finally:
-            # Also when the caller stops reading early: the state then matches what it was shown.
-            if end is not None:
-                scanner = scanners[0]
-                unshown = scanner.stop_length if scanner.done else len(scanner.pending)
-                end["logits"], end["hidden"] = history[-1 - unshown]()
+        if context is not None and not text:
+            return context
+        logits, hidden = self.feed(self.encode_prompt(text, what=what), None if context is None else context.hidden)
+        return Context(logits, hidden)
 
-    def _config(self, **options: Any) -> SampleConfig:
-        if isinstance(options.get("stop"), str):
-            options["stop"] = (options["stop"],)
-        elif options.get("stop") is not None:
-            options["stop"] = tuple(options["stop"])
-        return SampleConfig(**{k: v for k, v in options.items() if v is not None})
+    def continue_from(
+        self,
+        context: Context,
+        config: SampleConfig | None = None,
+        generator: torch.Generator | None = None,
+        keep_context: bool = True,
+        **options: Any,
+    ) -> Continuation:
+        """Sample on from ``context``: a :class:`Continuation` to iterate for the pieces,
+        whose ``context`` is then the state right after the text shown.
 
-    # -- the public API -------------------------------------------------------------------
+        Options are a ``config`` or the fields of :class:`~charrnn.config.SampleConfig`
+        (the second override the first). The random draws come from ``generator`` when
+        given (a conversation keeps one across turns), else from the config's seed.
+        ``keep_context=False`` saves keeping the states a rewind needs, where the
+        context after the text is not wanted.
+        """
+        config = SampleConfig.from_options(config, **options)
+        generator = generator if generator is not None else new_generator(config.seed)
+        return Continuation(_Run(self, context, config, generator, keep_context))
+
+    # -- text from a prompt ---------------------------------------------------------------
     def stream(self, prompt: str = "", **options: Any) -> Iterator[str]:
         """Yield the continuation of ``prompt`` piece by piece as it is sampled.
 
         Options are those of :class:`~charrnn.config.SampleConfig`: ``length``,
         ``temperature`` (0: greedy), ``top_k``, ``top_p``, ``seed``, ``stop``.
         """
-        config = self._config(**options)
-        logits, hidden = self.feed(self.encode_prompt(prompt))
-        for _, piece in self._run(logits, hidden, config, new_generator(config.seed)):
-            yield piece
+        config = SampleConfig.from_options(**options)
+        yield from self.continue_from(self.read(prompt), config, keep_context=False)
 
     def generate(self, prompt: str = "", **options: Any) -> str:
         """The continuation of ``prompt`` (without the prompt). Same options as :meth:`stream`."""
@@ -349,20 +316,17 @@ class Sampler:
         """``num_samples`` continuations of ``prompt``, sampled side by side as one batch."""
         if not 1 <= num_samples <= MAX_SAMPLES:
             raise PromptError(f"num_samples must be from 1 to {MAX_SAMPLES:,}, got {num_samples}: ask for fewer at once")
-        config = self._config(**options)
-        logits, hidden = self.feed(self.encode_prompt(prompt))
-        logits = logits.expand(num_samples, -1)
-        hidden = tuple(h.expand(-1, num_samples, -1) for h in hidden) if isinstance(hidden, tuple) else hidden.expand(-1, num_samples, -1)
-        generator = new_generator(config.seed)
+        config = SampleConfig.from_options(**options)
+        context = self.read(prompt).expand(num_samples)
+        run = _Run(self, context, config, new_generator(config.seed), track=False)
         if not config.stop:
             # Nothing to watch for: keep the ids as tensors and decode once at the end, instead
             # of handing out num_samples Python strings per character.
-            stepper = self.stepper(num_samples)
-            chunks = [tokens for tokens, _ in self._chunks(stepper, logits, hidden, config, generator, every_state=False)]
+            chunks = [tokens for tokens, _ in run.chunks()]
             rows = torch.cat(chunks).T.tolist() if chunks else [[] for _ in range(num_samples)]
             return [self.tokenizer.decode(row) for row in rows]
         texts = [""] * num_samples
-        for i, piece in self._run(logits, hidden, config, generator):
+        for i, piece in run.pieces():
             texts[i] += piece
         return texts
 
@@ -391,7 +355,9 @@ class Sampler:
             return evaluate(self.model, ids, self.device, columns=1)
         streams = max(1, min(streams, (len(ids) - 1) // 2))
         per = (len(ids) - 1) // streams
-        x = torch.from_numpy(np.stack([ids[i * per : i * per + per + 1] for i in range(streams)]).astype(np.int64)).to(self.device)
+        x = torch.from_numpy(np.stack([ids[i * per : i * per + per + 1] for i in range(streams)]).astype(np.int64)).to(
+            self.device
+        )
         stepper, hidden, total = self.stepper(streams), self.model.init_hidden(streams), torch.zeros((), dtype=torch.float64)
         with torch.no_grad():
             for t in range(per):
@@ -399,13 +365,11 @@ class Sampler:
                 total += torch.nn.functional.cross_entropy(logits, x[:, t + 1], reduction="sum").double().cpu()
         return float(total) / (per * streams)
 
-    def chat(self, seed: int | None = None, **options: Any) -> "ChatSession":
-        """A new :class:`~charrnn.chat.ChatSession` over this model.
+    def chat(self, seed: int | None = None, **options: Any) -> ChatSession:
+        """A new :class:`~charrnn.generation.chat.ChatSession` over this model.
 
         ``options`` are its sampling options and, optionally, ``template`` and ``preamble``.
         """
-        from .chat import ChatSession  # chat builds on this module: imported here, not at the top
-
         return ChatSession(self, seed=seed, **options)
 
 
@@ -435,10 +399,6 @@ def load(
     return Sampler(ckpt.model, ckpt.tokenizer, resolved, dtype)
 
 
-def __getattr__(name: str) -> Any:
-    # ChatSession used to live here; it moved to charrnn.chat, which imports this module.
-    if name == "ChatSession":
-        from .chat import ChatSession
-
-        return ChatSession
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def preview_text(model: CharRNN, tokenizer: CharTokenizer, device: torch.device, length: int, seed: int) -> str:
+    """A sample to look at a model while it trains: on torch ops, so nothing is compiled mid-run."""
+    return Sampler(model, tokenizer, device, kernel=False).generate("\n", length=length, temperature=0.8, seed=seed)
