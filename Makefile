@@ -20,6 +20,9 @@ train: $(STAMP)
 	$(PY) train.py --data shakespeare
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

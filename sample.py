@@ -1,4 +1,5 @@
 """Sample from a trained charrnn: python sample.py --prompt "ROMEO:" (see --help)."""
-from charrnn.cli import sample_main
 
-raise SystemExit(sample_main())
+from charrnn.cli.sample import main
+
+raise SystemExit(main())

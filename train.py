@@ -1,4 +1,5 @@
 """Train a character-level RNN: python train.py --data shakespeare (see --help)."""
-from charrnn.cli import train_main
 
-raise SystemExit(train_main())
+from charrnn.cli.train import main
+
+raise SystemExit(main())

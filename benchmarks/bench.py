@@ -31,13 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from charrnn.config import ModelConfig, TrainConfig  # noqa: E402
-from charrnn.data import BatchStreams, StreamPosition, load_corpus, split_tokens  # noqa: E402
+from charrnn.data.corpus import load_corpus  # noqa: E402
+from charrnn.data.streams import BatchStreams, StreamPosition, split_tokens  # noqa: E402
+from charrnn.data.token_cache import corpus_tokens  # noqa: E402
 from charrnn.evaluation import evaluate  # noqa: E402
+from charrnn.generation.sampler import Sampler, load  # noqa: E402
 from charrnn.model import CharRNN  # noqa: E402
-from charrnn.sampling import Sampler, load  # noqa: E402
-from charrnn.token_cache import corpus_tokens  # noqa: E402
 from charrnn.tokenizer import CharTokenizer  # noqa: E402
-from charrnn.train import Trainer  # noqa: E402
+from charrnn.training.trainer import Trainer  # noqa: E402
 
 VOCAB = 65
 
@@ -158,8 +159,18 @@ def write_corpus(path: Path, chars: int) -> None:
 def bench_training(cell: str, args, corpus: Path, peak_bf16: float, peak_fp32: float) -> dict:
     hidden, layers, emb, seq, batch = args.hidden, 2, args.emb, args.seq_len, args.batch
     config = TrainConfig(
-        data=str(corpus), out=tempfile.mkdtemp(), seq_len=seq, batch_size=batch, max_iters=10**9,
-        max_time=0, progress=False, sample_chars=0, device="cpu", warmup_iters=0, lr=2e-3, min_lr=2e-3,
+        data=str(corpus),
+        out=tempfile.mkdtemp(),
+        seq_len=seq,
+        batch_size=batch,
+        max_iters=10**9,
+        max_time=0,
+        progress=False,
+        sample_chars=0,
+        device="cpu",
+        warmup_iters=0,
+        lr=2e-3,
+        min_lr=2e-3,
     )
     trainer = Trainer(config, ModelConfig(cell=cell, n_layers=layers, hidden_size=hidden, embedding_size=emb, dropout=0.0))
     vocab = trainer.tokenizer.vocab_size
@@ -250,7 +261,9 @@ def sampling_rate(sampler: Sampler, streams: int, length: int) -> float:
 
 def bench_sampling(args) -> dict:
     torch.manual_seed(0)
-    model = CharRNN(ModelConfig(vocab_size=VOCAB, cell="lstm", n_layers=2, hidden_size=args.hidden, embedding_size=args.emb, dropout=0.0))
+    model = CharRNN(
+        ModelConfig(vocab_size=VOCAB, cell="lstm", n_layers=2, hidden_size=args.hidden, embedding_size=args.emb, dropout=0.0)
+    )
     model.eval()
     tokenizer = CharTokenizer([chr(32 + i) for i in range(VOCAB - 1)])
     ref = Reference("lstm", VOCAB, args.emb, args.hidden, 2).eval()
@@ -299,7 +312,10 @@ def child_measure(code: str) -> tuple[float, float, float]:
     )
     out = subprocess.run(
         [sys.executable, "-c", prologue + code + "\nprint(base, rss('VmHWM:'), anon, rss('RssAnon:'))"],
-        capture_output=True, text=True, cwd=ROOT, check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
     )
     lines = out.stdout.strip().splitlines()
     base, peak, anon_start, anon_end = map(int, lines[-1].split())
@@ -320,14 +336,14 @@ def child_anon(code: str) -> float:
 def bench_memory(args, corpus: Path) -> dict:
     setup = (
         "import torch; from charrnn.model import CharRNN; from charrnn.config import ModelConfig\n"
-        "from charrnn.sampling import Sampler; from charrnn.tokenizer import CharTokenizer\n"
+        "from charrnn.generation.sampler import Sampler; from charrnn.tokenizer import CharTokenizer\n"
         f"m = CharRNN(ModelConfig(vocab_size={VOCAB}, n_layers=2, hidden_size={args.hidden}, embedding_size={args.emb}, dropout=0.0))\n"
         f"s = Sampler(m, CharTokenizer([chr(32 + i) for i in range({VOCAB - 1})]))\n"
     )
     small = child_peak_rss(setup + "s.generate('A', length=1000, seed=0)")
     large = child_peak_rss(setup + f"s.generate('A', length={args.memory_chars}, seed=0)")
     train = child_anon(
-        "from charrnn.train import Trainer; from charrnn.config import TrainConfig, ModelConfig\n"
+        "from charrnn.training.trainer import Trainer; from charrnn.config import TrainConfig, ModelConfig\n"
         f"t = Trainer(TrainConfig(data={str(corpus)!r}, out={tempfile.mkdtemp()!r}, seq_len={args.seq_len}, "
         f"batch_size={args.batch}, max_iters=10, max_time=0, progress=False, sample_chars=0, device='cpu'), "
         f"ModelConfig(n_layers=2, hidden_size={args.hidden}, embedding_size={args.emb}, dropout=0.0))\n"
@@ -347,14 +363,34 @@ def bench_quality(seconds: int, dtypes: list[str]) -> dict:
         out = tempfile.mkdtemp()
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, "train.py", "--data", "shakespeare", "--max-time", str(seconds), "--dtype", dtype,
-             "--out", out, "--sample-chars", "0", "--no-plot"],
-            cwd=ROOT, check=True,
+            [
+                sys.executable,
+                "train.py",
+                "--data",
+                "shakespeare",
+                "--max-time",
+                str(seconds),
+                "--dtype",
+                dtype,
+                "--out",
+                out,
+                "--sample-chars",
+                "0",
+                "--no-plot",
+            ],
+            cwd=ROOT,
+            check=True,
         )
         meta = json.loads((Path(out) / "best" / "config.json").read_text())
         model = meta["model"]
-        runs[dtype] = {"val": meta["best_val_loss"], "wall": time.perf_counter() - start, "steps": meta["step"],
-                       "size": f"{model['n_layers']}x{model['hidden_size']}", "dtype": meta["dtype"], "path": out}
+        runs[dtype] = {
+            "val": meta["best_val_loss"],
+            "wall": time.perf_counter() - start,
+            "steps": meta["step"],
+            "size": f"{model['n_layers']}x{model['hidden_size']}",
+            "dtype": meta["dtype"],
+            "path": out,
+        }
     ref = train_reference("shakespeare", seconds)
     # What each sampling precision costs: the validation split scored through the sampling step.
     text = load_corpus("shakespeare")
@@ -381,12 +417,12 @@ def bench_large_corpus(megabytes: int, args) -> dict:
                 f.write(" ".join(rng.choice(words, 100_000)) + ".\n")
         size = corpus.stat().st_size
         encode = child_measure(
-            "import time; from charrnn.token_cache import corpus_tokens\n"
+            "import time; from charrnn.data.token_cache import corpus_tokens\n"
             f"t = time.perf_counter(); tokens, _ = corpus_tokens({str(corpus)!r}); print(time.perf_counter() - t)"
         )
         first_step = (
             "import time; t = time.perf_counter()\n"
-            "from charrnn.train import Trainer; from charrnn.config import TrainConfig, ModelConfig\n"
+            "from charrnn.training.trainer import Trainer; from charrnn.config import TrainConfig, ModelConfig\n"
             f"tr = Trainer(TrainConfig(data={str(corpus)!r}, out={tmp!r}, seq_len={args.seq_len}, batch_size={args.batch}, "
             "max_iters=10, max_time=0, progress=False, sample_chars=0, device='cpu'), "
             f"ModelConfig(n_layers=2, hidden_size={args.hidden}, embedding_size={args.emb}, dropout=0.0))\n"
@@ -407,34 +443,46 @@ def throughput_tables(args, peak16: float, peak32: float) -> None:
         corpus = Path(tmp) / "corpus.txt"
         write_corpus(corpus, 2_000_000 if not args.quick else 200_000)
         print(f"\n1-2. training throughput ({size}) and loss agreement after {args.agree_steps} steps")
-        print(f"{'cell':<9} {'charrnn chars/s':>15} {'reference':>10} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7} "
-              f"{'loss ours':>9} {'loss ref':>9} {'|diff|':>7}")
+        print(
+            f"{'cell':<9} {'charrnn chars/s':>15} {'reference':>10} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7} "
+            f"{'loss ours':>9} {'loss ref':>9} {'|diff|':>7}"
+        )
         for cell in args.cells:
             r = bench_training(cell, args, corpus, peak16, peak32)
-            print(f"{cell:<9} {r['ours']:>15,.0f} {r['ref']:>10,.0f} {r['ours'] / r['ref']:>5.2f}x {r['gflops']:>8.0f} "
-                  f"{100 * r['gflops'] / r['peak']:>6.0f}% {r['loss_ours']:>9.4f} {r['loss_ref']:>9.4f} {r['agree']:>7.4f}"
-                  f"   ({r['dtype']} vs float32)")
+            print(
+                f"{cell:<9} {r['ours']:>15,.0f} {r['ref']:>10,.0f} {r['ours'] / r['ref']:>5.2f}x {r['gflops']:>8.0f} "
+                f"{100 * r['gflops'] / r['peak']:>6.0f}% {r['loss_ours']:>9.4f} {r['loss_ref']:>9.4f} {r['agree']:>7.4f}"
+                f"   ({r['dtype']} vs float32)"
+            )
 
         s = bench_sampling(args)
         print(f"\n3. sampling, LSTM 2x{args.hidden}: charrnn's Sampler against nn.LSTM called per character")
-        print(f"   1 stream:   {s['ours1']:>9,.0f} chars/s vs {s['ref1']:>8,.0f}  ({s['ours1'] / s['ref1']:.1f}x)   "
-              f"[{s['kinds']['1 stream (auto)']}]; float32: {s['exact1']:,.0f} ({s['exact1'] / s['ref1']:.1f}x)")
-        print(f"   64 streams: {s['ours64']:>9,.0f} chars/s vs {s['ref64']:>8,.0f}  ({s['ours64'] / s['ref64']:.1f}x)   "
-              f"[{s['kinds']['64 streams (auto)']}]; float32: {s['exact64']:,.0f} ({s['exact64'] / s['ref64']:.1f}x)")
+        print(
+            f"   1 stream:   {s['ours1']:>9,.0f} chars/s vs {s['ref1']:>8,.0f}  ({s['ours1'] / s['ref1']:.1f}x)   "
+            f"[{s['kinds']['1 stream (auto)']}]; float32: {s['exact1']:,.0f} ({s['exact1'] / s['ref1']:.1f}x)"
+        )
+        print(
+            f"   64 streams: {s['ours64']:>9,.0f} chars/s vs {s['ref64']:>8,.0f}  ({s['ours64'] / s['ref64']:.1f}x)   "
+            f"[{s['kinds']['64 streams (auto)']}]; float32: {s['exact64']:,.0f} ({s['exact64'] / s['ref64']:.1f}x)"
+        )
         for name, diff in s["diffs"].items():
             print(f"   stepwise logits vs reference, {name} [{s['kinds'][name]}]: max |diff| {diff:.2e}")
 
         m = bench_memory(args, corpus)
-        print(f"\n4. memory added by the work (above python + torch): training {m['train']:.0f} MB anonymous; peak RSS sampling 1,000 chars "
-              f"{m['sample_small']:.0f} MB, {args.memory_chars:,} chars {m['sample_large']:.0f} MB")
+        print(
+            f"\n4. memory added by the work (above python + torch): training {m['train']:.0f} MB anonymous; peak RSS sampling 1,000 chars "
+            f"{m['sample_small']:.0f} MB, {args.memory_chars:,} chars {m['sample_large']:.0f} MB"
+        )
 
     large_mb = 5 if args.quick else args.large_mb
     if large_mb:
         g = bench_large_corpus(large_mb, args)
-        print(f"\n6. a generated {g['mb']:.0f} MB corpus: encoding {g['mb'] / g['encode_s']:.0f} MB/s "
-              f"({g['encode_s']:.1f} s), peak RSS added while encoding +{g['encode_rss']:.0f} MB "
-              f"({g['encode_rss'] / g['mb']:.2f}x the corpus); second run (cache hit): first training step after "
-              f"{g['hit_s']:.2f} s, training +{g['train_anon']:.0f} MB anonymous (vs +{m['train']:.0f} MB on a 2 MB corpus)")
+        print(
+            f"\n6. a generated {g['mb']:.0f} MB corpus: encoding {g['mb'] / g['encode_s']:.0f} MB/s "
+            f"({g['encode_s']:.1f} s), peak RSS added while encoding +{g['encode_rss']:.0f} MB "
+            f"({g['encode_rss'] / g['mb']:.2f}x the corpus); second run (cache hit): first training step after "
+            f"{g['hit_s']:.2f} s, training +{g['train_anon']:.0f} MB anonymous (vs +{m['train']:.0f} MB on a 2 MB corpus)"
+        )
 
 
 def main() -> None:
@@ -442,8 +490,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes and short timings: a smoke run")
     parser.add_argument("--quality", action="store_true", help="also train with defaults for --quality-seconds")
     parser.add_argument("--quality-seconds", type=int, default=300)
-    parser.add_argument("--quality-dtypes", default="auto,float32",
-                        help="comma-separated --dtype values of charrnn's quality runs (the plain script is fp32)")
+    parser.add_argument(
+        "--quality-dtypes",
+        default="auto,float32",
+        help="comma-separated --dtype values of charrnn's quality runs (the plain script is fp32)",
+    )
     parser.add_argument("--quality-only", action="store_true", help="run section 5 alone")
     parser.add_argument("--large-mb", type=int, default=200, help="size of the generated corpus for section 6 (0: skip)")
     args = parser.parse_args()
@@ -457,8 +508,10 @@ def main() -> None:
         args.sample_chars, args.sample_chars_batch, args.memory_chars, args.peak_seconds = 5000, 500, 100_000, 3.0
 
     steady_malloc()
-    print(f"charrnn benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'quick' if args.quick else 'full'} run; reference = plain fp32 PyTorch\n")
+    print(
+        f"charrnn benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{'quick' if args.quick else 'full'} run; reference = plain fp32 PyTorch\n"
+    )
     peak32 = matmul_peak(torch.float32, 1024 if args.quick else 2048, args.peak_seconds)
     peak16 = matmul_peak(torch.bfloat16, 1024 if args.quick else 2048, args.peak_seconds)
     print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
@@ -470,15 +523,22 @@ def main() -> None:
         dtypes = args.quality_dtypes.split(",")
         q = bench_quality(args.quality_seconds, dtypes)
         r = q["ref"]
-        print(f"\n5. quality after {args.quality_seconds} s of training each, one after the other "
-              f"(full validation split, nats/char):")
+        print(
+            f"\n5. quality after {args.quality_seconds} s of training each, one after the other "
+            f"(full validation split, nats/char):"
+        )
         print(f"   plain fp32 LSTM 2x512 script: {r['val']:.4f} ({r['steps']} steps, {r['chars_per_s']:,.0f} chars/s)")
         for dtype, run in q["runs"].items():
-            print(f"   train.py --data shakespeare --dtype {dtype}: {run['val']:.4f} ({run['val'] / math.log(2):.3f} bpc; "
-                  f"{run['size']} {run['dtype']}, {run['steps']} steps, {run['wall']:.0f} s wall): "
-                  f"lower by {r['val'] - run['val']:+.4f}")
-        print(f"   the {dtypes[0]} model's validation split scored through the sampling step (16 segments, each from a "
-              "fresh state): " + ", ".join(f"{p} {v:.5f}" for p, v in q["stepped"].items()))
+            print(
+                f"   train.py --data shakespeare --dtype {dtype}: {run['val']:.4f} ({run['val'] / math.log(2):.3f} bpc; "
+                f"{run['size']} {run['dtype']}, {run['steps']} steps, {run['wall']:.0f} s wall): "
+                f"lower by {r['val'] - run['val']:+.4f}"
+            )
+        print(
+            f"   the {dtypes[0]} model's validation split scored through the sampling step (16 segments, each from a "
+            "fresh state): " + ", ".join(f"{p} {v:.5f}" for p, v in q["stepped"].items())
+        )
+
 
 if __name__ == "__main__":
     main()

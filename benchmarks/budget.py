@@ -31,24 +31,37 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import matmul_peak, train_reference  # noqa: E402
+
 from charrnn.config import ModelConfig, TrainConfig  # noqa: E402
-from charrnn.train import Trainer  # noqa: E402
+from charrnn.training.trainer import Trainer  # noqa: E402
 
 
 def train_charrnn(data: str, seconds: float, dtype: str, model_args: dict, train_args: dict) -> dict:
     """charrnn's trainer for ``seconds`` (its own --max-time); the best full-split validation loss."""
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(
-            data=data, out=out, max_time=seconds, dtype=dtype, device="cpu", progress=False,
-            sample_chars=0, plot=False, **train_args,
+            data=data,
+            out=out,
+            max_time=seconds,
+            dtype=dtype,
+            device="cpu",
+            progress=False,
+            sample_chars=0,
+            plot=False,
+            **train_args,
         )
         start = time.perf_counter()
         result = Trainer(config, ModelConfig(**model_args)).run()
         wall = time.perf_counter() - start
         meta = json.loads((Path(out) / "best" / "config.json").read_text())
     return {
-        "kind": "charrnn", "dtype": dtype, "model": meta["model"], "train": {k: meta["train"][k] for k in train_args},
-        "steps": result.step, "val": result.best_val_loss, "wall": wall,
+        "kind": "charrnn",
+        "dtype": dtype,
+        "model": meta["model"],
+        "train": {k: meta["train"][k] for k in train_args},
+        "steps": result.step,
+        "val": result.best_val_loss,
+        "wall": wall,
     }
 
 
@@ -56,8 +69,18 @@ def chars_per_second(hidden: int, layers: int, batch: int, seq: int, dtype: str,
     """Training throughput of one size on this machine, through charrnn's own step."""
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(
-            data="shakespeare", out=out, seq_len=seq, batch_size=batch, max_iters=10**9, max_time=0,
-            progress=False, sample_chars=0, device="cpu", dtype=dtype, warmup_iters=0, plot=False,
+            data="shakespeare",
+            out=out,
+            seq_len=seq,
+            batch_size=batch,
+            max_iters=10**9,
+            max_time=0,
+            progress=False,
+            sample_chars=0,
+            device="cpu",
+            dtype=dtype,
+            warmup_iters=0,
+            plot=False,
         )
         trainer = Trainer(config, ModelConfig(hidden_size=hidden, n_layers=layers))
         trainer.train_step()
@@ -133,8 +156,19 @@ def main() -> None:
         for size in args.sizes.split(","):
             hidden, layers = map(int, size.split("x"))
             speed = chars_per_second(hidden, layers, args.batch, args.seq, args.dtype)
-            record(args.results, {"kind": "speed", "hidden": hidden, "layers": layers, "batch": args.batch,
-                                  "seq": args.seq, "dtype": args.dtype, "chars_per_s": round(speed)}, peaks)
+            record(
+                args.results,
+                {
+                    "kind": "speed",
+                    "hidden": hidden,
+                    "layers": layers,
+                    "batch": args.batch,
+                    "seq": args.seq,
+                    "dtype": args.dtype,
+                    "chars_per_s": round(speed),
+                },
+                peaks,
+            )
         return
     if args.what in ("ref", "compare"):
         ref = train_reference(args.data, args.seconds)
@@ -143,8 +177,10 @@ def main() -> None:
         ours = train_charrnn(args.data, args.seconds, args.dtype, args.model, args.train)
         record(args.results, {**ours, "seconds": args.seconds}, peaks)
     if args.what == "compare":
-        print(f"{args.seconds:g} s, {args.dtype}: charrnn {ours['val']:.4f}, plain script {ref['val']:.4f}, "
-              f"charrnn lower by {ref['val'] - ours['val']:+.4f} nats/char")
+        print(
+            f"{args.seconds:g} s, {args.dtype}: charrnn {ours['val']:.4f}, plain script {ref['val']:.4f}, "
+            f"charrnn lower by {ref['val'] - ours['val']:+.4f} nats/char"
+        )
 
 
 if __name__ == "__main__":

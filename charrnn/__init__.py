@@ -3,12 +3,14 @@
     import charrnn
     sampler = charrnn.load("checkpoints/shakespeare-.../best")
     print(sampler.generate("ROMEO:", length=200, temperature=0.8, seed=1))
+
+This module is the public API and defines nothing itself; the layers below it are
+described in the README ("How it is built").
 """
 
-__version__ = "0.1.0"
-
-from .config import ModelConfig, SampleConfig, TrainConfig  # noqa: E402
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .config import ModelConfig, SampleConfig, TrainConfig
+from .errors import (
     CharRNNError,
     CheckpointError,
     ConfigError,
@@ -18,9 +20,10 @@ from .errors import (  # noqa: E402
     SessionFileError,
     TrainingError,
 )
-from .model import CharRNN  # noqa: E402
-from .sampling import Sampler, load  # noqa: E402
-from .tokenizer import CharTokenizer  # noqa: E402
+from .generation.chat import ChatSession, ChatTemplate
+from .generation.sampler import Context, Continuation, Sampler, load
+from .model import CharRNN
+from .tokenizer import CharTokenizer
 
 __all__ = [
     "CharRNN",
@@ -30,6 +33,8 @@ __all__ = [
     "ChatTemplate",
     "CheckpointError",
     "ConfigError",
+    "Context",
+    "Continuation",
     "CorpusError",
     "MetricsError",
     "ModelConfig",
@@ -39,17 +44,6 @@ __all__ = [
     "SessionFileError",
     "TrainConfig",
     "TrainingError",
+    "__version__",
     "load",
 ]
-
-# The chat names load on first use: `python -m charrnn.chat` must not find charrnn.chat
-# imported already (runpy warns, and the module would run twice).
-_CHAT_NAMES = ("ChatSession", "ChatTemplate")
-
-
-def __getattr__(name: str):
-    if name in _CHAT_NAMES:
-        from . import chat
-
-        return getattr(chat, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

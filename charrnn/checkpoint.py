@@ -34,7 +34,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from . import __version__
+from ._io import fsync_dir, write_file
+from ._version import __version__
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .model import CharRNN
@@ -68,27 +69,6 @@ class Checkpoint:
 # --- saving ---------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename still orders writes
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> str:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return hashlib.sha256(data).hexdigest()
-
-
 def save_checkpoint(
     path: str | Path,
     model: CharRNN,
@@ -115,13 +95,13 @@ def save_checkpoint(
     try:
         tmp.mkdir()
         hashes = {
-            WEIGHTS_FILE: _write_file(tmp / WEIGHTS_FILE, save_safetensors_bytes(weights)),
-            TOKENIZER_FILE: _write_file(tmp / TOKENIZER_FILE, tokenizer.to_hf().to_str(pretty=True).encode()),
+            WEIGHTS_FILE: write_file(tmp / WEIGHTS_FILE, save_safetensors_bytes(weights)),
+            TOKENIZER_FILE: write_file(tmp / TOKENIZER_FILE, tokenizer.to_hf().to_str(pretty=True).encode()),
         }
         if state is not None:
             tensors = {k: v.detach().cpu().contiguous() for k, v in (state_tensors or {}).items()}
-            hashes[STATE_TENSORS_FILE] = _write_file(tmp / STATE_TENSORS_FILE, save_safetensors_bytes(tensors))
-            hashes[STATE_JSON_FILE] = _write_file(tmp / STATE_JSON_FILE, json.dumps(state).encode())
+            hashes[STATE_TENSORS_FILE] = write_file(tmp / STATE_TENSORS_FILE, save_safetensors_bytes(tensors))
+            hashes[STATE_JSON_FILE] = write_file(tmp / STATE_JSON_FILE, json.dumps(state).encode())
         config = {
             "format_version": FORMAT_VERSION,
             "model": model.config.to_dict(),
@@ -129,15 +109,15 @@ def save_checkpoint(
             "versions": {"charrnn": __version__, "torch": torch.__version__},
             "files": hashes,
         }
-        _write_file(tmp / CONFIG_FILE, json.dumps(config, indent=2).encode())
-        _fsync_dir(tmp)
+        write_file(tmp / CONFIG_FILE, json.dumps(config, indent=2).encode())
+        fsync_dir(tmp)
         # Swap into place: a crash between these two renames leaves the old copy at
         # `old`, where resolve_checkpoint looks for it.
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.rename(path, old)
         os.rename(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
         # Whatever stopped the save (a full disk, an exception, Ctrl-C in a library
@@ -205,8 +185,7 @@ def find_latest_checkpoint(root: str | Path = "checkpoints") -> Path:
     candidates = [p.parent for p in root.glob(f"*/best/{CONFIG_FILE}")]
     if not candidates:
         raise CheckpointError(
-            f"no checkpoint under {root}/: train one with `python train.py --data shakespeare`, "
-            "or pass --checkpoint PATH"
+            f"no checkpoint under {root}/: train one with `python train.py --data shakespeare`, or pass --checkpoint PATH"
         )
     return max(candidates, key=lambda p: (p / CONFIG_FILE).stat().st_mtime)
 
@@ -242,9 +221,7 @@ def _load_json(path: Path, name: str, hashes: dict[str, str] | None) -> Any:
         raise CheckpointError(f"{path / name} is not valid JSON ({exc}): the checkpoint is damaged") from None
 
 
-def load_checkpoint(
-    path: str | Path, device: torch.device | str = "cpu", with_training_state: bool = False
-) -> Checkpoint:
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", with_training_state: bool = False) -> Checkpoint:
     """Load a checkpoint directory (or a run directory's best one) safely.
 
     Every failure, from a missing file to random bytes, is a ``CheckpointError`` naming
@@ -295,9 +272,7 @@ def load_checkpoint(
     found = {k: tuple(v.shape) for k, v in weights.items()}
     if expected != found:
         diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
-        raise CheckpointError(
-            f"{path / WEIGHTS_FILE} does not fit the model in {CONFIG_FILE} (differs at {', '.join(diff[:3])})"
-        )
+        raise CheckpointError(f"{path / WEIGHTS_FILE} does not fit the model in {CONFIG_FILE} (differs at {', '.join(diff[:3])})")
     if not all(torch.isfinite(w).all() for w in weights.values()):
         raise CheckpointError(f"{path / WEIGHTS_FILE} holds non-finite weights: use another checkpoint")
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True, assign=True)

@@ -63,12 +63,19 @@ class ModelConfig:
 
     vocab_size: int = field(default=0, metadata=_help("characters in the vocabulary (set from the corpus)", cli=False))
     cell: str = field(default="lstm", metadata=_help(f"recurrent cell: {', '.join(CELLS)}", choices=CELLS))
-    n_layers: int | None = field(default=None, metadata=_help("stacked recurrent layers (auto: chosen from the budget)", auto=True))
-    hidden_size: int | None = field(default=None, metadata=_help("units per recurrent layer (auto: chosen from the budget)", auto=True))
+    n_layers: int | None = field(
+        default=None, metadata=_help("stacked recurrent layers (auto: chosen from the budget)", auto=True)
+    )
+    hidden_size: int | None = field(
+        default=None, metadata=_help("units per recurrent layer (auto: chosen from the budget)", auto=True)
+    )
     embedding_size: int = field(default=64, metadata=_help("size of the character embedding"))
     dropout: float | None = field(
         default=None,
-        metadata=_help("dropout between layers and before the output head, in [0, 1) (auto: 0 for a run that reads the corpus up to four times, more beyond)", auto=True),
+        metadata=_help(
+            "dropout between layers and before the output head, in [0, 1) (auto: 0 for a run that reads the corpus up to four times, more beyond)",
+            auto=True,
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -108,23 +115,41 @@ class TrainConfig:
         metadata=_help("corpus: 'shakespeare', a .txt file, a folder of text files, or hf:OWNER/NAME"),
     )
     hf_split: str = field(default="train", metadata=_help("split of an hf: dataset"))
-    hf_column: str | None = field(default=None, metadata=_help("text column of an hf: dataset (default: 'text' or the only string column)"))
-    max_vocab: int = field(default=0, metadata=_help("keep the N most frequent characters; rarer ones read as <unk> (0: keep all)"))
+    hf_column: str | None = field(
+        default=None, metadata=_help("text column of an hf: dataset (default: 'text' or the only string column)")
+    )
+    max_vocab: int = field(
+        default=0, metadata=_help("keep the N most frequent characters; rarer ones read as <unk> (0: keep all)")
+    )
     out: str | None = field(default=None, metadata=_help("run directory (default: checkpoints/<data>-<time>)"))
     resume: str | None = field(default=None, metadata=_help("continue training from this checkpoint (a run's 'last' directory)"))
     seq_len: int | None = field(default=None, metadata=_help("characters per truncated-BPTT chunk (auto: 64)", auto=True))
     batch_size: int | None = field(
         default=None,
-        metadata=_help("parallel streams per step, per process (under torchrun the global batch is this x the number of processes; auto: 32)", auto=True),
+        metadata=_help(
+            "parallel streams per step, per process (under torchrun the global batch is this x the number of processes; auto: 32)",
+            auto=True,
+        ),
     )
-    lr: float | None = field(default=None, metadata=_help("peak learning rate (AdamW; auto: smaller for wider layers)", auto=True))
-    min_lr: float | None = field(default=None, metadata=_help("learning rate at the end of the cosine decay (auto: lr / 10)", auto=True))
-    warmup_iters: int | None = field(default=None, metadata=_help("steps of linear warm-up (auto: 2%% of the steps the budget buys)", auto=True))
-    lr_decay_iters: int = field(default=0, metadata=_help("steps of the cosine decay (0: decay over the budget, --max-iters or --max-time)"))
+    lr: float | None = field(
+        default=None, metadata=_help("peak learning rate (AdamW; auto: smaller for wider layers)", auto=True)
+    )
+    min_lr: float | None = field(
+        default=None, metadata=_help("learning rate at the end of the cosine decay (auto: lr / 10)", auto=True)
+    )
+    warmup_iters: int | None = field(
+        default=None, metadata=_help("steps of linear warm-up (auto: 2%% of the steps the budget buys)", auto=True)
+    )
+    lr_decay_iters: int = field(
+        default=0, metadata=_help("steps of the cosine decay (0: decay over the budget, --max-iters or --max-time)")
+    )
     weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay on weight matrices"))
     grad_clip: float = field(default=1.0, metadata=_help("clip the global gradient norm to this (0: off)"))
     max_iters: int = field(default=0, metadata=_help("stop after this many steps (0: no step limit)"))
-    max_time: float = field(default=300.0, metadata=_help("stop after this many seconds of training steps; evaluations come on top (0: no time limit)"))
+    max_time: float = field(
+        default=300.0,
+        metadata=_help("stop after this many seconds of training steps; evaluations come on top (0: no time limit)"),
+    )
     eval_interval: int | None = field(
         default=None, metadata=_help("evaluate on the full validation split every N steps (auto: 8 times a run)", auto=True)
     )
@@ -160,7 +185,9 @@ class TrainConfig:
             self.max_iters > 0 or self.max_time > 0,
             "set a budget: --max-iters or --max-time must be positive, or training never ends",
         )
-        _check(self.eval_interval is None or self.eval_interval >= 1, f"--eval-interval must be at least 1, got {self.eval_interval}")
+        _check(
+            self.eval_interval is None or self.eval_interval >= 1, f"--eval-interval must be at least 1, got {self.eval_interval}"
+        )
         _check(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
         _check(self.sample_chars >= 0, f"--sample-chars must be >= 0, got {self.sample_chars}")
         _check(self.device in DEVICES, f"unknown --device {self.device!r}: choose one of {', '.join(DEVICES)}")
@@ -195,3 +222,25 @@ class SampleConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @classmethod
+    def from_options(cls, base: "SampleConfig | None" = None, **options: Any) -> "SampleConfig":
+        """``base`` (default: the defaults) with ``options`` as a front end passes them: None
+        means "not given", and ``stop`` may be one string or any sequence of strings."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        _check(not unknown, f"unknown sampling option(s) {', '.join(unknown)}; the options are {', '.join(sorted(names))}")
+        values = asdict(base) if base is not None else {}
+        values.update({k: v for k, v in options.items() if v is not None})
+        stop = values.get("stop")
+        if isinstance(stop, str):
+            values["stop"] = (stop,)
+        elif stop is not None and not isinstance(stop, tuple):
+            try:
+                values["stop"] = tuple(stop)
+            except TypeError:
+                raise ConfigError(f"stop must be a string or a list of strings, got {stop!r}") from None
+        return cls(**values)
+
+
+SAMPLE_DEFAULTS = SampleConfig()  # the one place every front end takes its sampling defaults from

@@ -8,13 +8,37 @@ character at a time uses ``charrnn.stepper`` instead, over the same weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from torch import nn
 
+from .config import CELLS as CELL_NAMES
 from .config import ModelConfig
 
 # An LSTM's state is (h, c); the other cells carry h alone.
 Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What charrnn needs to know of a recurrent cell, in one place."""
+
+    module: type[nn.RNNBase]  # torch's fused stack of this cell
+    gates: int  # gate blocks per unit in torch's weight rows (G)
+    kernel_id: int  # its number in csrc/step.cpp's ``enum Cell``
+    has_cell_state: bool  # carries c beside h (LSTM)
+    options: dict[str, Any] = field(default_factory=dict)  # extra arguments of ``module``
+
+
+CELL_TABLE: dict[str, Cell] = {
+    "lstm": Cell(nn.LSTM, gates=4, kernel_id=0, has_cell_state=True),  # gates i, f, g, o
+    "gru": Cell(nn.GRU, gates=3, kernel_id=1, has_cell_state=False),  # gates r, z, n
+    "rnn_tanh": Cell(nn.RNN, gates=1, kernel_id=2, has_cell_state=False, options={"nonlinearity": "tanh"}),
+    "rnn_relu": Cell(nn.RNN, gates=1, kernel_id=3, has_cell_state=False, options={"nonlinearity": "relu"}),
+}
+assert tuple(CELL_TABLE) == CELL_NAMES, "config.CELLS and the cell table name the same cells"
 
 
 class CharRNN(nn.Module):
@@ -27,20 +51,19 @@ class CharRNN(nn.Module):
         if config.unresolved:
             raise ValueError(
                 f"ModelConfig {', '.join(config.unresolved)} are auto (None): give them, or let "
-                "charrnn.sizing.plan_run choose them from a budget, before building a model"
+                "charrnn.training.sizing.plan_run choose them from a budget, before building a model"
             )
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_size)
-        rnn_class = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}[config.cell]
-        extra = {"nonlinearity": config.cell[4:]} if config.cell.startswith("rnn_") else {}
-        self.rnn = rnn_class(
+        cell = CELL_TABLE[config.cell]
+        self.rnn = cell.module(
             config.embedding_size,
             config.hidden_size,
             num_layers=config.n_layers,
             # torch applies this dropout between layers only; the head dropout is ours.
             dropout=config.dropout if config.n_layers > 1 else 0.0,
             batch_first=True,
-            **extra,
+            **cell.options,
         )
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
@@ -49,7 +72,7 @@ class CharRNN(nn.Module):
         """Zero state for ``batch_size`` streams: (L, B, H), or a pair of them for LSTM."""
         device = device if device is not None else self.head.weight.device
         zeros = torch.zeros(self.config.n_layers, batch_size, self.config.hidden_size, device=device)
-        return (zeros, zeros.clone()) if self.config.cell == "lstm" else zeros
+        return (zeros, zeros.clone()) if CELL_TABLE[self.config.cell].has_cell_state else zeros
 
     def forward(self, idx: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
         """idx (B, T) int64 -> logits (B, T, V) and the state after the last step."""

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from .errors import PromptError
+
 UNK_TOKEN = "<unk>"
 UNK_ID = 0
 REPLACEMENT_CHAR = "\ufffd"
@@ -95,6 +97,24 @@ class CharTokenizer:
     def unknown_chars(self, text: str) -> list[str]:
         """The distinct characters of ``text`` that the vocabulary does not hold."""
         return sorted({ch for ch in text if ch not in self})
+
+    def check_known(self, text: str, what: str = "the prompt") -> list[str]:
+        """The characters of ``text`` the model never saw; a ``PromptError`` if there are no others.
+
+        ``what`` names the text in the error ("the prompt", "the message", "the text").
+        """
+        unknown = self.unknown_chars(text)
+        if unknown and len(unknown) == len(set(text)):
+            raise PromptError(
+                f"{what} is made only of characters the model never saw ({''.join(unknown[:20])!r}): "
+                "write it with characters of the training corpus"
+            )
+        return unknown
+
+    @staticmethod
+    def unknown_note(unknown: list[str]) -> str:
+        """The warning for characters read as ``<unk>`` (from :meth:`check_known`)."""
+        return f"the model never saw {''.join(unknown[:20])!r}; those characters are read as <unk>"
 
     # --- the tokenizer.json file -------------------------------------------------
     def to_hf(self) -> Tokenizer:

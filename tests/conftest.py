@@ -20,7 +20,7 @@ import torch
 
 import charrnn
 from charrnn.config import ModelConfig, TrainConfig
-from charrnn.train import train
+from charrnn.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE_CANDIDATES = (
@@ -171,17 +171,42 @@ TRAIN_SCRIPT = str(REPO / "train.py")
 SAMPLE_SCRIPT = str(REPO / "sample.py")
 # Tiny model and budget flags for train.py subprocesses: cpu, float32, step budget only.
 TINY_TRAIN_FLAGS = (
-    "--hidden-size", "32", "--embedding-size", "8", "--batch-size", "4", "--seq-len", "16",
-    "--max-time", "0", "--device", "cpu", "--dtype", "float32", "--sample-chars", "0", "--patience", "0", "--no-plot",
-    "--seed", "1234",
+    "--hidden-size",
+    "32",
+    "--embedding-size",
+    "8",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "16",
+    "--max-time",
+    "0",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--sample-chars",
+    "0",
+    "--patience",
+    "0",
+    "--no-plot",
+    "--seed",
+    "1234",
 )
 
 
 def run_python(args, env, cwd, timeout=120, stdin=None):
     """Run ``python *args`` to completion (killed after ``timeout`` s, which fails the test)."""
     return subprocess.run(
-        [PYTHON, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8",
-        errors="replace", timeout=timeout, stdin=subprocess.DEVNULL if stdin is None else stdin,
+        [PYTHON, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+        stdin=subprocess.DEVNULL if stdin is None else stdin,
     )
 
 

@@ -12,14 +12,14 @@ import subprocess
 import tracemalloc
 
 import pytest
+from conftest import PYTHON, SAMPLE_SCRIPT, TINY_TRAIN_FLAGS, TRAIN_SCRIPT, tiny_model_config, tiny_train_config
 
-from charrnn.cli import sample_main, train_main
+from charrnn.cli.sample import main as sample_main
+from charrnn.cli.train import main as train_main
 from charrnn.config import ModelConfig, SampleConfig, TrainConfig
 from charrnn.errors import CheckpointError, ConfigError, CorpusError, PromptError
-from charrnn.sampling import MAX_PROMPT_CHARS
-from charrnn.train import Trainer
-
-from conftest import PYTHON, SAMPLE_SCRIPT, TINY_TRAIN_FLAGS, TRAIN_SCRIPT, tiny_model_config, tiny_train_config
+from charrnn.generation.sampler import MAX_PROMPT_CHARS
+from charrnn.training.trainer import Trainer
 
 LONG_PROMPT_CHARS = 110_000  # over the 100,000 limit, under Linux's 128 KiB cap on one argument
 
@@ -52,29 +52,62 @@ def _cli_cases(corpora, trained_run, moved_run, tmp):
         "train-empty-corpus": (_train_args(corpora["empty"]), 2, ["empty.txt is empty"]),
         "train-binary-corpus": (_train_args(corpora["binary"]), 2, ["binary.txt looks like a binary file"]),
         "train-non-utf8-corpus": (_train_args(corpora["latin1"]), 2, ["latin1.txt is not valid UTF-8 (byte 3, line 1)"]),
-        "train-corpus-shorter-than-a-batch": (_train_args(corpora["short"]), 2, ["short.txt", "the training split has 45 characters", "needs at least 80"]),
+        "train-corpus-shorter-than-a-batch": (
+            _train_args(corpora["short"]),
+            2,
+            ["short.txt", "the training split has 45 characters", "needs at least 80"],
+        ),
         "train-seq-len-0": (_train_args(corpora["short"], "--seq-len", "0"), 2, ["--seq-len must be at least 1, got 0"]),
-        "train-negative-hidden-size": (_train_args(corpora["short"], "--hidden-size", "-5"), 2, ["--hidden-size must be at least 1, got -5"]),
-        "train-unknown-cell": (_train_args(corpora["short"], "--cell", "transformer"), 2, ["argument --cell: invalid choice: 'transformer'"]),
+        "train-negative-hidden-size": (
+            _train_args(corpora["short"], "--hidden-size", "-5"),
+            2,
+            ["--hidden-size must be at least 1, got -5"],
+        ),
+        "train-unknown-cell": (
+            _train_args(corpora["short"], "--cell", "transformer"),
+            2,
+            ["argument --cell: invalid choice: 'transformer'"],
+        ),
         "sample-top-p-above-1": ([*sample, "--top-p", "1.5"], 2, ["top_p must be in (0, 1]", "1.5"]),
         "sample-unseen-prompt": ([*sample, "--prompt", "0123456789"], 2, ["made only of characters the model never saw"]),
         "sample-long-prompt": (
-            [*sample, "--prompt", "a" * LONG_PROMPT_CHARS], 2, [f"the prompt has {LONG_PROMPT_CHARS:,} characters; the limit is 100,000"],
+            [*sample, "--prompt", "a" * LONG_PROMPT_CHARS],
+            2,
+            [f"the prompt has {LONG_PROMPT_CHARS:,} characters; the limit is 100,000"],
         ),
         # A byte that is not UTF-8 in the command line (Python holds it as a lone surrogate).
-        "sample-non-utf8-prompt-bytes": ([*sample, "--prompt", "ab" + os.fsdecode(b"\xff")], 0,
-                                         ["warning: the model never saw '\ufffd'; those characters are read as <unk>"]),
+        "sample-non-utf8-prompt-bytes": (
+            [*sample, "--prompt", "ab" + os.fsdecode(b"\xff")],
+            0,
+            ["warning: the model never saw '\ufffd'; those characters are read as <unk>"],
+        ),
         "resume-other-shape": (
-            [TRAIN_SCRIPT, "--resume", last, "--hidden-size", "64", "--max-iters", "601"], 2,
+            [TRAIN_SCRIPT, "--resume", last, "--hidden-size", "64", "--max-iters", "601"],
+            2,
             ["--hidden-size 64 does not fit the checkpoint, whose model has 32"],
         ),
         "resume-other-hyperparameters": (
-            [TRAIN_SCRIPT, "--resume", moved_run / "last", "--max-iters", "603", "--lr", "0.005", "--batch-size", "8",
-             "--eval-interval", "3"],
+            [
+                TRAIN_SCRIPT,
+                "--resume",
+                moved_run / "last",
+                "--max-iters",
+                "603",
+                "--lr",
+                "0.005",
+                "--batch-size",
+                "8",
+                "--eval-interval",
+                "3",
+            ],
             0,
-            ["warning: resuming with lr=0.005; the run was trained with 0.01",
-             "warning: resuming with batch_size=8; the run was trained with 16",
-             "note: --batch-size changed", "reached --max-iters 603 at step 603", str(moved_run / "last")],
+            [
+                "warning: resuming with lr=0.005; the run was trained with 0.01",
+                "warning: resuming with batch_size=8; the run was trained with 16",
+                "note: --batch-size changed",
+                "reached --max-iters 603 at step 603",
+                str(moved_run / "last"),
+            ],
         ),
     }
 
@@ -89,8 +122,15 @@ def cli_results(tmp_path_factory, subprocess_env, trained_run):
     cases = _cli_cases(corpora, trained_run, moved_run, tmp)
     procs = {
         name: subprocess.Popen(
-            [PYTHON, *map(str, args)], cwd=tmp, env=subprocess_env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
+            [PYTHON, *map(str, args)],
+            cwd=tmp,
+            env=subprocess_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
         )
         for name, (args, _, _) in cases.items()
     }
@@ -109,10 +149,19 @@ def cli_results(tmp_path_factory, subprocess_env, trained_run):
 
 # (test_cli.py runs a missing corpus, --dropout 1.5 and a negative temperature as processes already.)
 CLI_CASES = [
-    "train-empty-corpus", "train-binary-corpus", "train-non-utf8-corpus", "train-corpus-shorter-than-a-batch",
-    "train-seq-len-0", "train-negative-hidden-size", "train-unknown-cell",
-    "sample-top-p-above-1", "sample-unseen-prompt", "sample-long-prompt", "sample-non-utf8-prompt-bytes",
-    "resume-other-shape", "resume-other-hyperparameters",
+    "train-empty-corpus",
+    "train-binary-corpus",
+    "train-non-utf8-corpus",
+    "train-corpus-shorter-than-a-batch",
+    "train-seq-len-0",
+    "train-negative-hidden-size",
+    "train-unknown-cell",
+    "sample-top-p-above-1",
+    "sample-unseen-prompt",
+    "sample-long-prompt",
+    "sample-non-utf8-prompt-bytes",
+    "resume-other-shape",
+    "resume-other-hyperparameters",
 ]
 
 
@@ -213,8 +262,10 @@ def test_train_main_reports_mistakes_in_one_line(tmp_path, capsys, corpus_file, 
     cases = [
         (["--data", str(tmp_path / "missing.txt"), "--max-iters", "1"], "missing.txt' not found"),
         (["--data", str(tmp_path / "empty-folder"), "--max-iters", "1"], "holds no non-empty text files"),
-        (["--data", str(corpus_file), "--max-iters", "2", "--out", str(a_file / "run"), *TINY_TRAIN_FLAGS],
-         "cannot create the run directory"),
+        (
+            ["--data", str(corpus_file), "--max-iters", "2", "--out", str(a_file / "run"), *TINY_TRAIN_FLAGS],
+            "cannot create the run directory",
+        ),
         (["--resume", str(tmp_path / "no-run" / "last"), "--max-iters", "1"], "not found"),
         (["--resume", str(trained_run.best), "--max-iters", "1"], "holds no training state"),
         (["--data", str(corpus_file), "--lr", "nan", "--max-iters", "1"], "--lr must be a positive number"),
@@ -278,8 +329,9 @@ def test_resume_with_another_model_shape_is_a_config_error(trained_run, corpus_f
 
 def test_resume_with_a_new_batch_layout_warns_and_trains_on(trained_run, corpus_file, tmp_path, capsys):
     run = shutil.copytree(trained_run.run_dir, tmp_path / "run")
-    config = tiny_train_config(corpus_file, run, resume=str(run / "last"), max_iters=604, eval_interval=2,
-                               batch_size=5, seq_len=9)
+    config = tiny_train_config(
+        corpus_file, run, resume=str(run / "last"), max_iters=604, eval_interval=2, batch_size=5, seq_len=9
+    )
     trainer = Trainer(config, tiny_model_config(), explicit={"batch_size", "seq_len", "max_iters", "eval_interval"})
     err = capsys.readouterr().err
     assert "warning: resuming with batch_size=5; the run was trained with 16" in err
@@ -318,3 +370,14 @@ def test_checkpoint_given_as_a_file_is_a_clear_error(tmp_path):
     weights.write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError, match="is a file, not a checkpoint"):
         load_checkpoint(weights)
+
+
+def test_abbreviated_flags_count_as_typed_on_resume(trained_run, tmp_path, capsys):
+    """argparse takes --hidden for --hidden-size: the resume checks must see it as typed too."""
+    from charrnn.cli.options import typed_flags
+    from charrnn.cli.train import build_parser
+
+    argv = ["--resume", "RUN", "--max-t", "60", "--hidden", "64"]
+    assert typed_flags(lambda defaults: build_parser(defaults), argv) == {"resume", "max_time", "hidden_size"}
+    assert train_main(["--resume", str(trained_run.last), "--max-t", "60", "--hidden", "64", "--device", "cpu"]) == 2
+    assert "--hidden-size 64 does not fit the checkpoint" in capsys.readouterr().err

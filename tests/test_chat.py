@@ -9,14 +9,14 @@ import sys
 
 import pytest
 import torch
+from conftest import PYTHON
 from safetensors import safe_open
 
 import charrnn
 from charrnn import ChatSession, ChatTemplate, ConfigError, PromptError, SessionFileError
-from charrnn.chat import _missing_separator, main as chat_main
-from charrnn import sampling
-
-from conftest import PYTHON
+from charrnn.cli.chat import main as chat_main
+from charrnn.generation import sampler as sampling
+from charrnn.generation.chat import _missing_separator
 
 PLAY = ChatTemplate()  # ROMEO:\n ... \n\nJULIET:\n ... \n\n
 M1, M2, M3 = "the cat sat", "a dog ran", "the king said"
@@ -76,9 +76,7 @@ def test_reply_length_and_stop_options(sampler):
     assert one_line.config.stop == ("\n",)
 
 
-@pytest.mark.parametrize(
-    ("tail", "missing"), [("", ""), ("mat.", "\n\n"), ("mat.\n", "\n"), ("mat.\n\n", ""), ("\n\n\n", "")]
-)
+@pytest.mark.parametrize(("tail", "missing"), [("", ""), ("mat.", "\n\n"), ("mat.\n", "\n"), ("mat.\n\n", ""), ("\n\n\n", "")])
 def test_the_separator_is_completed_not_repeated(tail, missing):
     assert _missing_separator(tail, "\n\n") == missing
 
@@ -305,7 +303,8 @@ def test_a_refused_message_leaves_the_session_as_it_was(sampler):
 
 
 def test_chat_session_names_stay_where_users_find_them(sampler):
-    from charrnn import chat, sampling
+    from charrnn.generation import chat
+    from charrnn.generation import sampler as sampling
 
     assert charrnn.ChatSession is chat.ChatSession is sampling.ChatSession
     assert isinstance(sampler.chat(), charrnn.ChatSession)
@@ -316,8 +315,14 @@ def test_chat_session_names_stay_where_users_find_them(sampler):
 
 def run_chat(args, lines, env, cwd, timeout=120):
     return subprocess.run(
-        [PYTHON, "-m", "charrnn.chat", *map(str, args)], input="".join(line + "\n" for line in lines),
-        capture_output=True, text=True, encoding="utf-8", env=env, cwd=cwd, timeout=timeout,
+        [PYTHON, "-m", "charrnn", "chat", *map(str, args)],
+        input="".join(line + "\n" for line in lines),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
     )
 
 
@@ -339,11 +344,15 @@ def test_terminal_chat_streams_the_library_replies_saves_and_resumes(trained_run
     r1 = ref.send(M1)
     ref.configure(temperature=0.5)
     r2, r3 = ref.send(M2), ref.send(M3)
-    assert first.stdout == transcript([(M1, r1), ("/temp 0.5", None), (M2, r2), (f"/save {saved}", None), (M3, r3), ("/quit", None)])
+    assert first.stdout == transcript(
+        [(M1, r1), ("/temp 0.5", None), (M2, r2), (f"/save {saved}", None), (M3, r3), ("/quit", None)]
+    )
     assert "(temperature 0.5)" in first.stderr and f"(saved to {saved})" in first.stderr
 
     # A new process picks the conversation up where it was saved; /reset then starts afresh.
-    second = run_chat(["--checkpoint", trained_run.best, "--device", "cpu"], [f"/load {saved}", M3, "/reset", M1], subprocess_env, tmp_path)
+    second = run_chat(
+        ["--checkpoint", trained_run.best, "--device", "cpu"], [f"/load {saved}", M3, "/reset", M1], subprocess_env, tmp_path
+    )
     assert second.returncode == 0, second.stderr  # end of input ends the chat like /quit
     fresh = sampler.chat(template=PLAY, seed=3, length=40, temperature=0.5).send(M1)
     assert second.stdout == transcript([(f"/load {saved}", None), (M3, r3), ("/reset", None), (M1, fresh)]) + "ROMEO: \n"
@@ -358,8 +367,14 @@ def test_terminal_chat_bad_lines_print_errors_and_go_on(trained_run, subprocess_
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 6, result.stderr
     for fragment, line in zip(
-        ["/temp needs a number", "temperature must be >= 0", "unknown command /frobnicate", "/save needs a file name",
-         "nothing not found", "made only of characters the model never saw"],
+        [
+            "/temp needs a number",
+            "temperature must be >= 0",
+            "unknown command /frobnicate",
+            "/save needs a file name",
+            "nothing not found",
+            "made only of characters the model never saw",
+        ],
         errors,
     ):
         assert fragment in line
@@ -386,12 +401,12 @@ def test_terminal_chat_with_a_missing_checkpoint_exits_2(subprocess_env, tmp_pat
     result = run_chat(["--checkpoint", tmp_path / "missing", "--device", "cpu"], ["hello"], subprocess_env, tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("error: checkpoint") and "Traceback" not in result.stderr
-    assert "RuntimeWarning" not in result.stderr  # python -m charrnn.chat runs the module once
+    assert "RuntimeWarning" not in result.stderr  # python -m charrnn chat runs the module once
 
 
 def test_console_scripts_point_at_the_entry_points():
     from importlib.metadata import entry_points
 
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
-    assert scripts["charrnn-chat"] == "charrnn.chat:main"
-    assert scripts["charrnn-serve"] == "charrnn.serve:main"
+    assert scripts["charrnn-chat"] == "charrnn.cli.chat:main"
+    assert scripts["charrnn-serve"] == "charrnn.cli.serve:main"

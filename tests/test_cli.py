@@ -6,7 +6,6 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import PYTHON, REPO
 
 TRAIN = str(REPO / "train.py")
@@ -14,9 +13,7 @@ SAMPLE = str(REPO / "sample.py")
 
 
 def run(args, env, cwd, timeout=180):
-    return subprocess.run(
-        [PYTHON, *args], cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=timeout
-    )
+    return subprocess.run([PYTHON, *args], cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +24,30 @@ def cli_run(tmp_path_factory, corpus_file, subprocess_env):
     proc = run(
         [
             TRAIN,
-            "--data", str(corpus_file),
-            "--max-iters", "20",
-            "--max-time", "0",
-            "--eval-interval", "10",
-            "--hidden-size", "32",
-            "--embedding-size", "8",
-            "--batch-size", "4",
-            "--seq-len", "16",
-            "--out", str(out),
-            "--device", "cpu",
-            "--dtype", "float32",
-            "--sample-chars", "0",
+            "--data",
+            str(corpus_file),
+            "--max-iters",
+            "20",
+            "--max-time",
+            "0",
+            "--eval-interval",
+            "10",
+            "--hidden-size",
+            "32",
+            "--embedding-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "16",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--sample-chars",
+            "0",
             "--no-plot",
         ],
         subprocess_env,
@@ -86,7 +95,23 @@ def test_sample_prints_prompt_and_length_characters_deterministically(cli_run, s
 @pytest.mark.parametrize("precision", ["float32", "int8", "bfloat16"])
 def test_sample_runs_at_each_precision(cli_run, subprocess_env, precision):
     _, out, work = cli_run
-    args = [SAMPLE, "--checkpoint", str(out), "--prompt", "ab", "--length", "30", "--seed", "3", "--device", "cpu", "--num-samples", "9", "--precision", precision]
+    args = [
+        SAMPLE,
+        "--checkpoint",
+        str(out),
+        "--prompt",
+        "ab",
+        "--length",
+        "30",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--num-samples",
+        "9",
+        "--precision",
+        precision,
+    ]
     proc = run(args, subprocess_env, cwd=work)
     assert proc.returncode == 0, proc.stderr
     samples = proc.stdout.split("--- sample ")[1:]
@@ -97,7 +122,9 @@ def test_sample_into_a_pipe_closed_early_stops_quietly(cli_run, subprocess_env):
     """`sample.py ... | head` must not end in a BrokenPipeError traceback."""
     _, out, work = cli_run
     args = [SAMPLE, "--checkpoint", str(out), "--length", "200", "--num-samples", "9", "--device", "cpu"]
-    proc = subprocess.Popen([PYTHON, *args], cwd=work, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [PYTHON, *args], cwd=work, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     proc.stdout.close()  # the reader is gone before the first line is written
     _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 141, stderr
@@ -129,4 +156,3 @@ def test_user_mistakes_print_one_error_line(tmp_path, subprocess_env, script, ar
     _assert_one_line_error(proc, *fragments)
     assert proc.returncode == 2
     assert not (tmp_path / "checkpoints").exists()  # nothing was written
-

@@ -8,20 +8,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model_config, tiny_train_config
 
-from charrnn.data import (
-    SHAKESPEARE_SHA256,
-    BatchStreams,
-    StreamPosition,
-    load_corpus,
-    shakespeare_path,
-    split_tokens,
-)
+from charrnn.data.corpus import SHAKESPEARE_SHA256, load_corpus, shakespeare_path
+from charrnn.data.streams import BatchStreams, StreamPosition, split_tokens
 from charrnn.errors import CorpusError
 from charrnn.tokenizer import CharTokenizer
-from charrnn.train import Trainer
-
-from conftest import tiny_model_config, tiny_train_config
+from charrnn.training.trainer import Trainer
 
 # --- the 90/10 split ------------------------------------------------------------------
 
@@ -302,4 +295,3 @@ def test_uint8_tokens_of_a_real_corpus_stream_correctly(corpus_text):
         start = b * row_length
         assert tok.decode(x[b].tolist()) == corpus_text[start : start + 10]
         assert tok.decode(y[b].tolist()) == corpus_text[start + 1 : start + 11]
-

@@ -12,25 +12,24 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import PYTHON, REPO, make_text
 
 from charrnn import CharTokenizer
-from charrnn.config import ModelConfig
-from charrnn.errors import ConfigError, PromptError
-from charrnn.inspect import (
+from charrnn.apps.hidden_states import (
     MAX_TEXT_CHARS,
     colour,
     correlations,
     hidden_states,
     inspect_text,
-    main,
     pattern_indicator,
     rank_units,
     render_html,
 )
+from charrnn.cli.inspect import main
+from charrnn.config import ModelConfig
+from charrnn.errors import ConfigError, PromptError
+from charrnn.generation.stepper import Stepper
 from charrnn.model import CharRNN
-from charrnn.stepper import Stepper
-
-from conftest import PYTHON, REPO, make_text
 
 VOWELS = "aeiou"
 TRACKER = 5  # the unit built to follow "is a vowel"
@@ -39,8 +38,9 @@ TEXT = "the cat sat on a mat; <script>alert('x & y')</script> said the queen.\nt
 
 def tiny_model(cell="lstm", n_layers=1, vocab_size=20, hidden_size=8, seed=0) -> CharRNN:
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=vocab_size, cell=cell, n_layers=n_layers, hidden_size=hidden_size,
-                         embedding_size=6, dropout=0.0)
+    config = ModelConfig(
+        vocab_size=vocab_size, cell=cell, n_layers=n_layers, hidden_size=hidden_size, embedding_size=6, dropout=0.0
+    )
     return CharRNN(config).eval()
 
 
@@ -254,8 +254,20 @@ def text_file(tmp_path):
 
 def test_cli_writes_the_page_and_prints_the_ranking(trained_run, text_file, tmp_path, capsys):
     out = tmp_path / "sub" / "page.html"
-    code = main(["--checkpoint", str(trained_run.run_dir), "--text", str(text_file), "--pattern", "(?m)^[A-Z]+:$",
-                 "--top", "3", "--out", str(out)])
+    code = main(
+        [
+            "--checkpoint",
+            str(trained_run.run_dir),
+            "--text",
+            str(text_file),
+            "--pattern",
+            "(?m)^[A-Z]+:$",
+            "--top",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert captured.out.count("r = ") == 3 and f"wrote {out}" in captured.out
@@ -303,8 +315,22 @@ def test_cli_reads_the_text_from_stdin(trained_run, tmp_path, monkeypatch, capsy
 @pytest.mark.parametrize("units", [["3", "1"], ["3,1"], ["3", "--units", "1"]])
 def test_cli_units_of_a_chosen_layer(trained_run, text_file, tmp_path, capsys, units):
     out = tmp_path / "page.html"
-    code = main(["--checkpoint", str(trained_run.run_dir), "--text", str(text_file), "--layer", "-2",
-                 "--state", "h", "--units", *units, "--out", str(out)])
+    code = main(
+        [
+            "--checkpoint",
+            str(trained_run.run_dir),
+            "--text",
+            str(text_file),
+            "--layer",
+            "-2",
+            "--state",
+            "h",
+            "--units",
+            *units,
+            "--out",
+            str(out),
+        ]
+    )
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
     assert lines[0].startswith("layer 0 · unit 3: std ") and lines[1].startswith("layer 0 · unit 1: std ")
@@ -314,9 +340,25 @@ def test_cli_units_of_a_chosen_layer(trained_run, text_file, tmp_path, capsys, u
 def test_python_m_charrnn_inspect(trained_run, text_file, tmp_path, subprocess_env):
     out = tmp_path / "page.html"
     proc = subprocess.run(
-        [PYTHON, "-m", "charrnn.inspect", "--checkpoint", str(trained_run.best), "--text", str(text_file),
-         "--units", "0,1", "--out", str(out)],
-        cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=120,
+        [
+            PYTHON,
+            "-m",
+            "charrnn",
+            "inspect",
+            "--checkpoint",
+            str(trained_run.best),
+            "--text",
+            str(text_file),
+            "--units",
+            "0,1",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "layer 1 · unit 1" in proc.stdout and out.read_text(encoding="utf-8").count("<section>") == 2
@@ -333,8 +375,14 @@ needs_chromium = pytest.mark.skipif(
 
 def run_chromium(tmp_path, *args):
     flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ]
     proc = subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=90)
@@ -366,7 +414,7 @@ def test_page_renders_in_a_real_browser(trained_run, text_file, tmp_path):
         spans = re.findall(r'<span[^>]*style="background:\s*(#[0-9a-f]{6})[^"]*"[^>]*>(.*?)</span>', block, re.S)
         assert html.unescape("".join(s for _, s in spans)) == text.replace("\n", "↵")
         assert [c for c, _ in spans] == [colour(v) for v in unit.colours]
-    assert len({c for c, _ in re.findall(r'background:\s*(#[0-9a-f]{6})()', dom)}) > 20  # many shades
+    assert len({c for c, _ in re.findall(r"background:\s*(#[0-9a-f]{6})()", dom)}) > 20  # many shades
 
     shot = tmp_path / "page.png"
     run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,800", page.as_uri())

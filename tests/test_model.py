@@ -7,7 +7,7 @@ import torch
 
 from charrnn import CharRNN, ConfigError, ModelConfig
 from charrnn.config import CELLS
-from charrnn.stepper import Stepper
+from charrnn.generation.stepper import Stepper
 
 V, B, T, H, L = 13, 3, 11, 16, 2
 

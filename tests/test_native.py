@@ -3,19 +3,25 @@ against the torch path's sampling rule."""
 
 from __future__ import annotations
 
+import fcntl
+import threading
+import time
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import tiny_model_config
 
 import charrnn
-from charrnn import ConfigError, native
+from charrnn import ConfigError
 from charrnn.config import SampleConfig
-from charrnn.model import CharRNN
-from charrnn.native import BatchedStepper, NativeStepper, has_tiles, load_kernel
-from charrnn.sampling import Sampler, pick_next
-from charrnn.stepper import GATES
+from charrnn.generation import native
+from charrnn.generation.native import BatchedStepper, NativeStepper, has_tiles, load_kernel
+from charrnn.generation.processors import pick_next
+from charrnn.generation.sampler import Sampler
+from charrnn.model import CELL_TABLE, CharRNN
 from charrnn.tokenizer import CharTokenizer
-
-from conftest import tiny_model_config
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 
@@ -62,7 +68,7 @@ def test_float32_kernel_equals_the_forward_pass(kernel, cell, layers):
 @pytest.mark.parametrize("weights", ["float32", "int8"])
 def test_the_head_keeps_its_order_when_the_vocabulary_has_as_many_rows_as_a_layer(kernel, cell, weights):
     """A vocabulary of G * H characters makes the head the shape of a layer's matrix."""
-    m = model(cell, layers=1, hidden=16, vocab=GATES[cell] * 16)
+    m = model(cell, layers=1, hidden=16, vocab=CELL_TABLE[cell].gates * 16)
     ids = torch.randint(m.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(7))
     want = forward(m, ids)
     assert (stepped(NativeStepper(m, weights, kernel), m, ids) - want).abs().max() < 0.05 * want.abs().max()
@@ -119,7 +125,13 @@ def test_a_sampling_call_keeping_only_the_last_state_ends_in_the_same_state(kern
 
 @pytest.mark.parametrize(
     "options",
-    [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.5, top_k=3), dict(temperature=1.3, top_p=0.8), dict(temperature=0.9, top_k=5, top_p=0.5)],
+    [
+        dict(temperature=0),
+        dict(temperature=1.0),
+        dict(temperature=0.5, top_k=3),
+        dict(temperature=1.3, top_p=0.8),
+        dict(temperature=0.9, top_k=5, top_p=0.5),
+    ],
 )
 def test_kernel_picks_by_the_same_rule_as_torch(kernel, options):
     g = torch.Generator().manual_seed(4)
@@ -227,3 +239,103 @@ def test_lower_precisions_cost_almost_nothing_in_validation_loss(trained_run, co
     for precision in ("int8", "bfloat16"):
         sampler = charrnn.Sampler(exact.model, exact.tokenizer, dtype=precision)
         assert abs(sampler.score(val, stepped=True) - reference) < 0.01, precision
+
+
+# --- building and loading the kernel ----------------------------------------------------------------
+
+
+def _fresh_kernel_state(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_kernel", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    return tmp_path / f"charrnn_step_{native._cpu_signature()}"
+
+
+def test_a_built_kernel_in_a_read_only_cache_is_loaded_not_given_up(kernel, monkeypatch):
+    build = Path(kernel.__file__).parent  # the real cache: the library loaded there is the one to find
+    _fresh_kernel_state(monkeypatch, build.parent)
+    saved_mode = build.stat().st_mode
+    build.chmod(0o555)
+    real_open = open
+
+    def read_only_open(file, mode="r", *args, **kwargs):  # root ignores the mode bits: refuse writes here
+        if str(file).startswith(str(build)) and any(m in mode for m in "wax+"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(native, "open", read_only_open, raising=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            loaded = native.load_kernel()
+    finally:
+        build.chmod(saved_mode)
+    assert loaded is not None and hasattr(loaded, "Packed")
+
+
+def test_a_failed_build_with_a_compiler_present_does_not_say_install_a_compiler(monkeypatch, tmp_path):
+    _fresh_kernel_state(monkeypatch, tmp_path)
+
+    def failing(**kwargs):
+        raise RuntimeError("step.cpp:12: error: expected ';' before '}' token")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", failing)
+    monkeypatch.setattr(native.shutil, "which", lambda name: f"/usr/bin/{name}")
+    with pytest.warns(UserWarning, match="could not be built .*expected ';'") as caught:
+        assert native.load_kernel() is None
+    message = next(str(w.message) for w in caught if "could not be built" in str(w.message))
+    assert "Install a C++ compiler" not in message and "CHARRNN_KERNEL=off" in message
+
+
+def test_a_process_waiting_for_another_build_says_so(monkeypatch, tmp_path, capsys):
+    build = _fresh_kernel_state(monkeypatch, tmp_path)
+    build.mkdir()
+    holder = open(build / "charrnn.lock", "w")
+    fcntl.flock(holder, fcntl.LOCK_EX)  # "another process" is building
+    entered = threading.Event()
+
+    def wait_for_the_lock():
+        with native._build_lock(build):
+            entered.set()
+
+    thread = threading.Thread(target=wait_for_the_lock)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while "waiting for another process" not in capsys.readouterr().err and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not entered.is_set()
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    thread.join(10)
+    assert entered.is_set()
+    assert time.monotonic() < deadline, "no word that it waits"
+
+
+def test_threads_loading_the_kernel_at_once_build_it_once(monkeypatch, tmp_path):
+    _fresh_kernel_state(monkeypatch, tmp_path)
+    calls = []
+    loaded = object()
+
+    def slow_load(**kwargs):
+        calls.append(1)
+        time.sleep(0.2)
+        return loaded
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", slow_load)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(native.load_kernel())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [loaded] * 4 and len(calls) == 1
+
+
+def test_a_batched_stepper_is_cached_per_stream_count(kernel):
+    if has_tiles(kernel):
+        pytest.skip("with AMX tiles, batches run on the tile stepper, which is not packed per count")
+    sampler = Sampler(model("lstm"), CharTokenizer([chr(97 + i) for i in range(22)]), dtype="bfloat16")
+    small, large = sampler.stepper(8), sampler.stepper(64)
+    assert isinstance(small, BatchedStepper) and isinstance(large, BatchedStepper)
+    assert (small.batch, large.batch) == (8, 64)
+    assert sampler.stepper(8) is small

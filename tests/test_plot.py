@@ -9,10 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-
-from charrnn.plot import MetricsError, main, make_figure, moving_average, plot_run, read_metrics
-
 from conftest import PYTHON, REPO
+
+from charrnn.cli.plot import main
+from charrnn.training.plot import MetricsError, make_figure, moving_average, plot_run, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -141,8 +141,12 @@ def test_python_m_charrnn_plot(tmp_path, subprocess_env):
     write_metrics(tmp_path / "run")
     out = tmp_path / "curve.png"
     proc = subprocess.run(
-        [PYTHON, "-m", "charrnn.plot", str(tmp_path / "run"), "--out", str(out)],
-        cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=120,
+        [PYTHON, "-m", "charrnn", "plot", str(tmp_path / "run"), "--out", str(out)],
+        cwd=REPO,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout and out.read_bytes()[:8] == PNG_MAGIC

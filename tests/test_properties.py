@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_text
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -17,16 +18,12 @@ from charrnn.config import ModelConfig, TrainConfig
 from charrnn.errors import CheckpointError, ConfigError
 from charrnn.model import CharRNN
 from charrnn.tokenizer import REPLACEMENT_CHAR, UNK_ID, CharTokenizer
-from charrnn.train import merge_resume_config
-
-from conftest import make_text
+from charrnn.training.trainer import merge_resume_config
 
 FAST = settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Any text at all: every Unicode category, with lone surrogates (category Cs) made common.
-any_text = st.text(
-    alphabet=st.characters() | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=200
-)
+any_text = st.text(alphabet=st.characters() | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=200)
 # Text that UTF-8 can hold (no lone surrogates): what a corpus file can contain.
 storable_text = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=200)
 
@@ -149,9 +146,19 @@ json_values = st.recursive(
 )
 config_paths = st.sampled_from(
     [
-        ("format_version",), ("model",), ("files",), ("model", "vocab_size"), ("model", "cell"), ("model", "n_layers"),
-        ("model", "hidden_size"), ("model", "embedding_size"), ("model", "dropout"), ("model", "extra"),
-        ("files", "model.safetensors"), ("files", "tokenizer.json"), ("files", "training_state.json"),
+        ("format_version",),
+        ("model",),
+        ("files",),
+        ("model", "vocab_size"),
+        ("model", "cell"),
+        ("model", "n_layers"),
+        ("model", "hidden_size"),
+        ("model", "embedding_size"),
+        ("model", "dropout"),
+        ("model", "extra"),
+        ("files", "model.safetensors"),
+        ("files", "tokenizer.json"),
+        ("files", "training_state.json"),
         ("files", "training_state.safetensors"),
     ]
 )
@@ -200,7 +207,11 @@ def test_a_folder_of_random_files_is_a_checkpoint_error(files):
 
 
 @FAST
-@given(train=st.one_of(json_values, st.dictionaries(st.sampled_from(["seq_len", "batch_size", "lr", "seed", "out", "progress"]), json_values)))
+@given(
+    train=st.one_of(
+        json_values, st.dictionaries(st.sampled_from(["seq_len", "batch_size", "lr", "seed", "out", "progress"]), json_values)
+    )
+)
 def test_resuming_from_any_training_settings_is_a_checkpoint_or_config_error(pristine, train):
     saved = load_checkpoint(pristine, with_training_state=True)
     saved.meta["train"] = {**saved.meta["train"], **train} if isinstance(train, dict) else train

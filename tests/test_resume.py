@@ -12,13 +12,12 @@ import math
 
 import pytest
 import torch
+from conftest import REPO, TINY_TRAIN_FLAGS, run_python
 from safetensors.torch import load_file
 
 from charrnn.checkpoint import load_checkpoint
-from charrnn.data import BatchStreams, split_tokens
+from charrnn.data.streams import BatchStreams, split_tokens
 from charrnn.tokenizer import CharTokenizer
-
-from conftest import REPO, TINY_TRAIN_FLAGS, run_python
 
 N = 30  # total steps; the small corpus has 12 batches per epoch (checked below)
 K_MID_EPOCH = 17  # epoch 1, batch 5
@@ -28,25 +27,41 @@ K_EPOCH_BOUNDARY = 12  # the last batch of epoch 0: the resumed run starts epoch
 TRAIN_LOGGING_BATCHES = f"""
 import hashlib, json, os, sys
 sys.path.insert(0, {str(REPO)!r})
-import charrnn.data
-real_get = charrnn.data.BatchStreams.get
+import charrnn.data.streams
+real_get = charrnn.data.streams.BatchStreams.get
 def get(self, pos):
     x, y = real_get(self, pos)
     digest = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()
     with open(os.environ["BATCH_LOG"], "a") as f:
         f.write(json.dumps([pos.epoch, pos.index, digest]) + "\\n")
     return x, y
-charrnn.data.BatchStreams.get = get
-from charrnn.cli import train_main
+charrnn.data.streams.BatchStreams.get = get
+from charrnn.cli.train import main as train_main
 raise SystemExit(train_main(sys.argv[1:]))
 """
 
 
 def _flags(corpus, out):
     return [
-        "--data", corpus, "--out", out, *TINY_TRAIN_FLAGS,
-        "--dropout", "0.2", "--n-layers", "2", "--eval-interval", "10",
-        "--lr", "1e-2", "--min-lr", "1e-3", "--warmup-iters", "5", "--lr-decay-iters", str(N),
+        "--data",
+        corpus,
+        "--out",
+        out,
+        *TINY_TRAIN_FLAGS,
+        "--dropout",
+        "0.2",
+        "--n-layers",
+        "2",
+        "--eval-interval",
+        "10",
+        "--lr",
+        "1e-2",
+        "--min-lr",
+        "1e-3",
+        "--warmup-iters",
+        "5",
+        "--lr-decay-iters",
+        str(N),
     ]
 
 

@@ -23,18 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import charrnn
-import charrnn.checkpoint as ckpt_module
-import charrnn.train as train_module
-from charrnn.cli import sample_main
-from charrnn.config import TrainConfig
-from charrnn.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from charrnn.errors import CheckpointError, TrainingError
-from charrnn.model import CharRNN
-from charrnn.tokenizer import CharTokenizer
-from charrnn.train import Trainer
-
 from conftest import (
     PYTHON,
     REPO,
@@ -48,6 +36,17 @@ from conftest import (
     tiny_train_config,
     wait_for,
 )
+
+import charrnn
+import charrnn.checkpoint as ckpt_module
+import charrnn.training.callbacks as callbacks_module
+from charrnn.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from charrnn.cli.sample import main as sample_main
+from charrnn.config import TrainConfig
+from charrnn.errors import CheckpointError, TrainingError
+from charrnn.model import CharRNN
+from charrnn.tokenizer import CharTokenizer
+from charrnn.training.trainer import Trainer
 
 # train.py, except that one save can be held (the process sleeps) at a chosen instant:
 #   PAUSE_MOMENT=write            half-way through writing model.safetensors into .last.tmp-PID
@@ -64,7 +63,7 @@ import charrnn.checkpoint as ck
 moment, when, marker = os.environ["PAUSE_MOMENT"], int(os.environ["PAUSE_SAVE"]), Path(os.environ["PAUSE_MARKER"])
 hold = float(os.environ.get("PAUSE_SECONDS", "120"))
 saves = 0
-real_write, real_rename = ck._write_file, os.rename
+real_write, real_rename = ck.write_file, os.rename
 
 def pause():
     marker.touch()
@@ -97,17 +96,24 @@ def rename(src, dst):
     ):
         pause()
 
-ck._write_file = write
+ck.write_file = write
 os.rename = rename
-from charrnn.cli import train_main
+from charrnn.cli.train import main as train_main
 raise SystemExit(train_main(sys.argv[1:]))
 """
 
 
 def _popen(args, env, cwd):
     return subprocess.Popen(
-        [PYTHON, *map(str, args)], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
+        [PYTHON, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
     )
 
 
@@ -144,9 +150,7 @@ def _assert_loadable_last(run: Path, step: int | None = None):
 
 def _train_steps(run: Path) -> list[int]:
     return [
-        json.loads(line)["step"]
-        for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        if '"loss"' in line
+        json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if '"loss"' in line
     ]
 
 
@@ -181,7 +185,7 @@ def test_sigkill_at_every_instant_of_a_save_leaves_the_last_checkpoint_loadable(
     for delay in (0.0, 0.017):
         before = metrics_lines(run)
         proc = _popen([TRAIN_SCRIPT, *resume], subprocess_env, tmp_path)
-        wait_for(lambda: metrics_lines(run) >= before + 6, proc, what="three more steps")
+        wait_for(lambda before=before: metrics_lines(run) >= before + 6, proc, what="three more steps")
         time.sleep(delay)
         _kill(proc)
         _assert_loadable_last(run)
@@ -227,7 +231,7 @@ def _assert_untouched(saved_last):
 def test_an_exception_in_the_middle_of_a_save_leaves_no_partial_files(saved_last, monkeypatch, exception, where):
     model, tok, tensors, state = _tiny_checkpoint_parts(seed=2)
     if where == "writing-tokenizer":
-        real_write = ckpt_module._write_file
+        real_write = ckpt_module.write_file
 
         def write(path, data):
             if path.name == "tokenizer.json":
@@ -235,7 +239,7 @@ def test_an_exception_in_the_middle_of_a_save_leaves_no_partial_files(saved_last
                 raise exception
             return real_write(path, data)
 
-        monkeypatch.setattr(ckpt_module, "_write_file", write)
+        monkeypatch.setattr(ckpt_module, "write_file", write)
     else:  # the old copy has been moved aside, the new one is about to be renamed in
         real_rename = os.rename
 
@@ -261,7 +265,7 @@ def test_an_exception_in_the_middle_of_a_save_leaves_no_partial_files(saved_last
 )
 def test_a_full_disk_gives_a_checkpoint_error_and_keeps_the_last_good_checkpoint(saved_last, monkeypatch, error):
     model, tok, tensors, state = _tiny_checkpoint_parts(seed=2)
-    real_write = ckpt_module._write_file
+    real_write = ckpt_module.write_file
     written = []
 
     def write(path, data):
@@ -272,8 +276,10 @@ def test_a_full_disk_gives_a_checkpoint_error_and_keeps_the_last_good_checkpoint
         written.append(path)
         return real_write(path, data)
 
-    monkeypatch.setattr(ckpt_module, "_write_file", write)
-    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*last: the disk is full .*previous checkpoint is unchanged"):
+    monkeypatch.setattr(ckpt_module, "write_file", write)
+    with pytest.raises(
+        CheckpointError, match=r"could not write checkpoint .*last: the disk is full .*previous checkpoint is unchanged"
+    ):
         save_checkpoint(saved_last[0], model, tok, {"step": 2}, tensors, state)
     monkeypatch.undo()
     _assert_untouched(saved_last)
@@ -281,14 +287,14 @@ def test_a_full_disk_gives_a_checkpoint_error_and_keeps_the_last_good_checkpoint
 
 def test_a_full_disk_during_training_stops_with_a_clear_error_and_a_loadable_checkpoint(corpus_file, tmp_path, monkeypatch):
     trainer = Trainer(tiny_train_config(corpus_file, tmp_path / "run", max_iters=12, eval_interval=4), tiny_model_config())
-    real_write = ckpt_module._write_file
+    real_write = ckpt_module.write_file
 
     def write(path, data):
         if trainer.step >= 8:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_write(path, data)
 
-    monkeypatch.setattr(ckpt_module, "_write_file", write)
+    monkeypatch.setattr(ckpt_module, "write_file", write)
     with pytest.raises(CheckpointError, match="disk is full"):
         trainer.run()
     monkeypatch.undo()
@@ -300,8 +306,7 @@ def test_a_full_disk_during_training_stops_with_a_clear_error_and_a_loadable_che
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     resumed = Trainer(tiny_train_config(corpus_file, tmp_path / "run", resume=str(tmp_path / "run" / "last")))
-    resumed._trim_metrics()
-    monkeypatch.setattr(train_module, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(callbacks_module, "open", full_disk_open, raising=False)  # the metrics log's writes
     with pytest.raises(TrainingError, match=r"could not write .*metrics.jsonl: No space left on device"):
         resumed.run()
 
@@ -310,10 +315,15 @@ def test_a_full_disk_during_training_stops_with_a_clear_error_and_a_loadable_che
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_saves_a_resumable_checkpoint_says_where_and_exits_128_plus_signal(signum, tmp_path, small_corpus_file, subprocess_env, corpus_file):
+def test_a_signal_saves_a_resumable_checkpoint_says_where_and_exits_128_plus_signal(
+    signum, tmp_path, small_corpus_file, subprocess_env, corpus_file
+):
     run = tmp_path / "run"
-    proc = _popen([TRAIN_SCRIPT, *_train_flags(small_corpus_file, run, "--max-iters", "100000", "--eval-interval", "100000")],
-                  subprocess_env, tmp_path)
+    proc = _popen(
+        [TRAIN_SCRIPT, *_train_flags(small_corpus_file, run, "--max-iters", "100000", "--eval-interval", "100000")],
+        subprocess_env,
+        tmp_path,
+    )
     wait_for(lambda: metrics_lines(run) >= 3, proc, what="training to start")
     proc.send_signal(signum)
     code, _, err = _finish(proc)
@@ -328,8 +338,19 @@ def test_a_signal_saves_a_resumable_checkpoint_says_where_and_exits_128_plus_sig
     assert steps == list(range(1, ckpt.state["step"] + 1))
 
     # Resumable: a new run picks up at that step and goes on.
-    resumed = Trainer(TrainConfig(data=str(small_corpus_file), resume=str(run / "last"), max_iters=ckpt.state["step"] + 2,
-                                  max_time=0, device="cpu", dtype="float32", sample_chars=0, progress=False, plot=False))
+    resumed = Trainer(
+        TrainConfig(
+            data=str(small_corpus_file),
+            resume=str(run / "last"),
+            max_iters=ckpt.state["step"] + 2,
+            max_time=0,
+            device="cpu",
+            dtype="float32",
+            sample_chars=0,
+            progress=False,
+            plot=False,
+        )
+    )
     assert resumed.step == ckpt.state["step"]
     assert resumed.run().step == ckpt.state["step"] + 2
 
@@ -340,8 +361,14 @@ def test_more_signals_during_the_final_save_do_not_corrupt_it(tmp_path, small_co
     release = tmp_path / "release"
     # The only save of `last` is the one after the first signal; it is held until the test
     # releases it, so that the next signals land in the middle of it.
-    env = {**subprocess_env, "PAUSE_MOMENT": "slow-last", "PAUSE_SAVE": "1", "PAUSE_MARKER": str(marker),
-           "PAUSE_SECONDS": "60", "PAUSE_RELEASE": str(release)}
+    env = {
+        **subprocess_env,
+        "PAUSE_MOMENT": "slow-last",
+        "PAUSE_SAVE": "1",
+        "PAUSE_MARKER": str(marker),
+        "PAUSE_SECONDS": "60",
+        "PAUSE_RELEASE": str(release),
+    }
     args = _train_flags(small_corpus_file, run, "--max-iters", "100000", "--eval-interval", "100000")
     proc = _popen(["-c", PAUSING_TRAIN, *args], env, tmp_path)
     wait_for(lambda: metrics_lines(run) >= 3, proc, what="training to start")
@@ -391,7 +418,9 @@ def _poison(trainer, at_step, how):
 )
 def test_a_non_finite_loss_stops_the_run_naming_the_step(corpus_file, tmp_path, how, grad_clip, message):
     run = tmp_path / "run"
-    trainer = Trainer(tiny_train_config(corpus_file, run, max_iters=20, eval_interval=3, grad_clip=grad_clip), tiny_model_config())
+    trainer = Trainer(
+        tiny_train_config(corpus_file, run, max_iters=20, eval_interval=3, grad_clip=grad_clip), tiny_model_config()
+    )
     _poison(trainer, at_step=7, how=how)
     with pytest.raises(TrainingError, match=message):
         trainer.run()
@@ -566,7 +595,9 @@ def test_damaged_training_state_does_not_stop_sampling_but_stops_resume(good_las
     [[1, 2], {"seq_len": "sixteen"}, {"batch_size": -3}, {"lr": None}],
     ids=["not-an-object", "wrong-type", "invalid-value", "null-lr"],
 )
-def test_resume_from_a_config_with_damaged_training_settings_is_a_checkpoint_error(good_last, corpus_file, tmp_path, train_section):
+def test_resume_from_a_config_with_damaged_training_settings_is_a_checkpoint_error(
+    good_last, corpus_file, tmp_path, train_section
+):
     config_path = good_last / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["train"] = train_section if isinstance(train_section, list) else {**config["train"], **train_section}

@@ -8,11 +8,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import make_text
 
 import charrnn
 from charrnn import ConfigError, PromptError
-
-from conftest import make_text
 
 PROMPT = "ROMEO:\n"
 

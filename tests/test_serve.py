@@ -11,10 +11,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-from charrnn.serve import make_server
-
 from conftest import PYTHON
+
+from charrnn.apps.server import make_server
 
 HOST = "127.0.0.1"  # the only address these tests ever bind
 MAX_LENGTH = 300
@@ -259,8 +258,12 @@ def test_a_client_leaving_mid_stream_does_not_hurt_the_server(server):
 
 def test_charrnn_serve_runs_on_loopback_and_stops_on_sigterm(trained_run, subprocess_env, tmp_path):
     proc = subprocess.Popen(
-        [PYTHON, "-m", "charrnn.serve", "--checkpoint", str(trained_run.best), "--port", "0", "--device", "cpu", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env, cwd=tmp_path,
+        [PYTHON, "-m", "charrnn", "serve", "--checkpoint", str(trained_run.best), "--port", "0", "--device", "cpu", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env,
+        cwd=tmp_path,
     )
     try:
         line = proc.stdout.readline()  # "charrnn-serve: listening on http://127.0.0.1:PORT ..."
@@ -283,7 +286,7 @@ def test_charrnn_serve_runs_on_loopback_and_stops_on_sigterm(trained_run, subpro
 
 
 def test_charrnn_serve_startup_mistakes_exit_2(trained_run, capsys):
-    from charrnn.serve import main
+    from charrnn.cli.serve import main
 
     assert main(["--checkpoint", str(trained_run.best), "--port", "70000"]) == 2
     assert capsys.readouterr().err.startswith("error: --port must be in [0, 65535]")

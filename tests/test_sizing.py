@@ -6,15 +6,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import make_text, tiny_train_config
 
-from charrnn.cli import train_parser
+from charrnn.cli.train import build_parser
 from charrnn.config import ModelConfig, TrainConfig
 from charrnn.errors import ConfigError
 from charrnn.model import CharRNN
-from charrnn.sizing import CANDIDATES, choose_size, plan_run, step_weights
-from charrnn.train import Trainer
-
-from conftest import make_text, tiny_train_config
+from charrnn.training.sizing import CANDIDATES, choose_size, plan_run, step_weights
+from charrnn.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 AUTO = dict(batch_size=None, seq_len=None, lr=None, min_lr=None, warmup_iters=None)
@@ -67,7 +66,7 @@ def test_a_time_budget_probes_this_machine_and_counts_the_probe():
     config = TrainConfig(data="x", max_time=5.0, max_iters=0)
     plan = plan_run(config, model, 2_000, CPU, torch.float32)
     assert plan.probe_seconds > 0 and plan.chars_per_second > 0
-    assert f"chosen for 5 s at " in plan.reason
+    assert "chosen for 5 s at " in plan.reason
     CharRNN(plan.model)  # a complete model config
 
 
@@ -77,9 +76,9 @@ def test_a_model_cannot_be_built_while_its_size_is_auto():
 
 
 def test_auto_on_the_command_line():
-    args = train_parser().parse_args(["--hidden-size", "auto", "--n-layers", "3", "--lr", "auto"])
+    args = build_parser().parse_args(["--hidden-size", "auto", "--n-layers", "3", "--lr", "auto"])
     assert (args.hidden_size, args.n_layers, args.lr, args.batch_size) == (None, 3, None, None)
-    assert "(default: auto)" in train_parser().format_help()
+    assert "(default: auto)" in build_parser().format_help()
 
 
 def test_the_trainer_runs_what_the_plan_chose(tmp_path):

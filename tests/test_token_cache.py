@@ -7,14 +7,13 @@ import os
 
 import numpy as np
 import pytest
-
-from charrnn import data
-from charrnn.errors import ConfigError, CorpusError
-from charrnn.token_cache import cache_folder, corpus_tokens, count_characters
-from charrnn.tokenizer import CharTokenizer
-from charrnn.train import Trainer
-
 from conftest import tiny_model_config, tiny_train_config
+
+from charrnn.data import corpus as data
+from charrnn.data.token_cache import cache_folder, corpus_tokens, count_characters
+from charrnn.errors import ConfigError, CorpusError
+from charrnn.tokenizer import CharTokenizer
+from charrnn.training.trainer import Trainer
 
 
 @pytest.fixture
@@ -44,7 +43,7 @@ def test_the_cache_is_reused_until_the_corpus_changes(tmp_path, monkeypatch):
     corpus_tokens(str(path))
     calls = []
     real_read = data.read_files
-    monkeypatch.setattr("charrnn.token_cache.read_files", lambda *a, **k: calls.append(a) or real_read(*a, **k))
+    monkeypatch.setattr("charrnn.data.token_cache.read_files", lambda *a, **k: calls.append(a) or real_read(*a, **k))
     tokens, _ = corpus_tokens(str(path))
     assert calls == []  # a cache hit reads nothing of the corpus
     path.write_text("xyzxyz\n" * 12, encoding="utf-8")

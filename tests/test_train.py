@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_text, tiny_model_config, tiny_train_config
 
 import charrnn
 from charrnn.checkpoint import load_checkpoint, save_checkpoint
 from charrnn.evaluation import evaluate
 from charrnn.model import CharRNN
 from charrnn.tokenizer import CharTokenizer
-from charrnn.train import Trainer, train
-
-from conftest import make_text, tiny_model_config, tiny_train_config
+from charrnn.training.trainer import Trainer, train
 
 
 def _read_metrics(run_dir):
@@ -88,7 +87,7 @@ def test_train_step_advances_the_stream_and_carries_the_hidden_state(corpus_file
     loss = trainer.train_step()
     assert math.isfinite(loss)
     assert trainer.step == 1
-    assert trainer.position == charrnn.data.StreamPosition(0, 1)
+    assert trainer.position == charrnn.data.streams.StreamPosition(0, 1)
     h, c = trainer.hidden
     assert h.shape == c.shape == (2, 8, 32)
     assert not h.requires_grad  # detached between truncated-BPTT chunks
@@ -165,7 +164,7 @@ def test_single_stream_evaluate_is_the_mean_cross_entropy(sampler):
 
 
 def test_a_finished_run_draws_its_loss_curves(tmp_path, corpus_file, capsys):
-    from charrnn.train import train
+    from charrnn.training.trainer import train
 
     result = train(tiny_train_config(corpus_file, tmp_path / "run", plot=True), tiny_model_config())
     png = result.run_dir / "training.png"

@@ -30,21 +30,18 @@ How the states are computed:
 
 from __future__ import annotations
 
-import argparse
 import html
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, PromptError
-from .model import CharRNN
-from .tokenizer import CharTokenizer
+from ..errors import ConfigError, PromptError
+from ..model import CharRNN
+from ..tokenizer import CharTokenizer
 
 MAX_TEXT_CHARS = 10_000  # the page holds one coloured copy of the text per unit
 MAX_UNITS = 32
@@ -216,12 +213,7 @@ def encode_text(tokenizer: CharTokenizer, text: str) -> tuple[torch.Tensor, list
             f"the text has {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,} (the page holds one coloured "
             "copy of it per unit): pass an excerpt"
         )
-    unknown = tokenizer.unknown_chars(text)
-    if unknown and len(unknown) == len(set(text)):
-        raise PromptError(
-            f"the text is made only of characters the model never saw ({''.join(unknown[:20])!r}): "
-            "give text in the alphabet of the training corpus"
-        )
+    unknown = tokenizer.check_known(text, "the text")
     return torch.from_numpy(tokenizer.encode(text).astype(np.int64)), unknown
 
 
@@ -248,7 +240,9 @@ def inspect_text(
             raise ConfigError(f"{len(units)} units asked for; the page shows at most {MAX_UNITS}")
         bad = [u for u in units if not 0 <= u < cfg.hidden_size]
         if bad:
-            raise ConfigError(f"--units {bad[0]}: layer {layers[0]} has {cfg.hidden_size} units, numbered 0 to {cfg.hidden_size - 1}")
+            raise ConfigError(
+                f"--units {bad[0]}: layer {layers[0]} has {cfg.hidden_size} units, numbered 0 to {cfg.hidden_size - 1}"
+            )
     elif not 1 <= top <= MAX_UNITS:
         raise ConfigError(f"--top {top}: show between 1 and {MAX_UNITS} units")
     regex = compile_pattern(pattern) if pattern is not None else None
@@ -385,113 +379,3 @@ def render_html(inspection: Inspection, source: str = "") -> str:
         parts.append(opening + "".join(cells) + "</pre></section>")  # nothing else inside <pre>: it would show
     parts.append("</main></body></html>\n")
     return "\n".join(parts)
-
-
-# --- command line ----------------------------------------------------------------------------------
-
-
-def _units(value: str) -> list[int]:
-    try:
-        return [int(v) for v in value.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a list of unit numbers") from None
-
-
-def inspect_parser() -> argparse.ArgumentParser:
-    from .cli import HelpFormatter
-
-    parser = argparse.ArgumentParser(
-        prog="charrnn-inspect",
-        description=(
-            "Colour each character of a text by the state of chosen hidden units, as an HTML page "
-            "(self-contained: inline CSS, no script). Blue is negative, red positive."
-        ),
-        formatter_class=HelpFormatter,
-        epilog=(
-            "Example: charrnn-inspect --checkpoint checkpoints/RUN --text play.txt --pattern '(?m)^[A-Z][^\\n]*:$' "
-            "--top 4 --out inspect.html"
-        ),
-    )
-    parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: newest best under checkpoints/)")
-    parser.add_argument("--text", required=True, help=f"UTF-8 text file to read, at most {MAX_TEXT_CHARS:,} characters ('-': stdin)")
-    parser.add_argument("--out", default="inspect.html", help="HTML file to write")
-    parser.add_argument(
-        "--state", default="auto", choices=("auto", "h", "c"),
-        help="which state to show: c (LSTM cell state, coloured by tanh c) or h (hidden output); auto is c for LSTM, h otherwise",
-    )
-    parser.add_argument("--layer", default=None, help="layer to look into, 0 = first, -1 = last; 'all' ranks every layer's units (default: the last)")
-    parser.add_argument("--units", type=_units, nargs="+", action="extend", default=None,
-                        help="unit numbers to show, e.g. --units 3 41 or --units 3,41")
-    parser.add_argument("--pattern", default=None, help="regex: rank units by how well they follow 'inside a match', e.g. '\"[^\"]*\"'")
-    parser.add_argument("--top", type=int, default=DEFAULT_TOP, help="units to show when ranking (by --pattern, else by variance)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where to run")
-    return parser
-
-
-def _read_text(path: str) -> str:
-    if path == "-":
-        return sys.stdin.read(MAX_TEXT_CHARS + 1)
-    file = Path(path).expanduser()
-    try:
-        with open(file, encoding="utf-8") as f:  # universal newlines: \r\n reads as \n
-            return f.read(MAX_TEXT_CHARS + 1)
-    except FileNotFoundError:
-        raise PromptError(f"--text {path}: no such file") from None
-    except IsADirectoryError:
-        raise PromptError(f"--text {path} is a directory: give a text file") from None
-    except UnicodeDecodeError:
-        raise PromptError(f"--text {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise PromptError(f"cannot read --text {path}: {exc.strerror or exc}") from None
-
-
-def _inspect_main(argv: list[str]) -> int:
-    from .checkpoint import find_latest_checkpoint, load_checkpoint
-    from .device import resolve_device
-
-    args = inspect_parser().parse_args(argv)
-    units = None if args.units is None else [u for group in args.units for u in group]
-    text = _read_text(args.text)
-    if len(text) > MAX_TEXT_CHARS:
-        raise PromptError(
-            f"--text {args.text} has more than {MAX_TEXT_CHARS:,} characters (the page holds one coloured copy of it "
-            "per unit): pass an excerpt"
-        )
-    if args.pattern is not None:
-        compile_pattern(args.pattern)  # a typo fails before the model loads
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        # One character after another at batch 1: each step is a small matrix-vector
-        # product, where a second thread only adds waiting (10-30x slower on a busy machine).
-        torch.set_num_threads(1)
-    ckpt = load_checkpoint(args.checkpoint if args.checkpoint is not None else find_latest_checkpoint(), device)
-    result = inspect_text(
-        ckpt.model, ckpt.tokenizer, text, units=units, pattern=args.pattern, top=args.top,
-        layer=args.layer, state=args.state,
-    )
-    unknown = ckpt.tokenizer.unknown_chars(text)
-    if unknown:
-        print(f"note: the model never saw {''.join(unknown[:20])!r}; those characters are read as <unk>", file=sys.stderr)
-    page = render_html(result, source=str(ckpt.path))
-    out = Path(args.out).expanduser()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(page, encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot write --out {out}: {exc.strerror or exc}") from None
-    for view in result.units:
-        score = f"r = {view.r:+.3f}" if view.r is not None else f"std {view.spread:.3f}"
-        print(f"{view.label}: {score}")
-    print(f"wrote {out} ({len(result.units)} unit(s) × {len(text):,} characters, state {result.state}); open it in a browser")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``charrnn-inspect`` / ``python -m charrnn.inspect``."""
-    from .cli import run_cli
-
-    return run_cli(_inspect_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

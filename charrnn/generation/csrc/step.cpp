@@ -14,7 +14,7 @@
 //            quantized per vector to int16, so the products are integer dot products
 //            (vpdpwssd / vpmaddwd on x86) accumulated in int32.
 // Batches of streams run on AMX tiles where the CPU has them (the section "many streams").
-// The sampling rule (pick_row) is the one charrnn.sampling.pick_next applies with torch.
+// The sampling rule (pick_row) is the one charrnn.generation.processors.pick_next applies with torch.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -422,7 +422,7 @@ void advance(const TilePacked& p, int64_t B, const int64_t* tok, const float* h_
 #endif
 
 // Draw one token from one row of logits, by inverse CDF over the kept characters in index
-// order, with the uniform u in [0, 1). The same rule as charrnn.sampling.pick_next.
+// order, with the uniform u in [0, 1). The same rule as charrnn.generation.processors.pick_next.
 int64_t pick_row(const float* logits, int64_t V, double u, double temperature, int64_t top_k, double top_p,
                  std::vector<double>& prob, std::vector<int64_t>& order) {
   if (temperature == 0) return std::max_element(logits, logits + V) - logits;

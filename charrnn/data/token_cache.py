@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .data import corpus_files, data_dir, iter_hf_dataset, read_files
-from .errors import CorpusError
-from .tokenizer import CharTokenizer
+from .._io import atomic_write
+from ..errors import CorpusError
+from ..tokenizer import CharTokenizer
+from .corpus import corpus_files, data_dir, iter_hf_dataset, read_files
 
 CACHE_VERSION = 1
 TOKENS_FILE = "tokens.bin"
@@ -42,9 +43,7 @@ def _source_key(spec: str, hf_split: str, hf_column: str | None, files: list[Pat
     return {"files": stats}, sum(size for _, size, _ in stats)
 
 
-def cache_folder(
-    spec: str, hf_split: str = "train", hf_column: str | None = None, files: list[Path] | None = None
-) -> Path:
+def cache_folder(spec: str, hf_split: str = "train", hf_column: str | None = None, files: list[Path] | None = None) -> Path:
     """Where the token file of a corpus lives (``files``: its :func:`corpus_files`, if known)."""
     if not spec.startswith("hf:"):
         path = Path(spec).expanduser()
@@ -100,29 +99,31 @@ def corpus_tokens(
         tokenizer = CharTokenizer.from_counts(count_characters(chunks()), max_vocab)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META_FILE).unlink(missing_ok=True)  # the old cache is invalid from here on
-    tmp = folder / f"{TOKENS_FILE}.tmp-{os.getpid()}"
     n = 0
-    bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc="encoding corpus", leave=False,
-               disable=None if total_bytes >= _BAR_MIN_BYTES or not total_bytes else True)
+    bar = tqdm(
+        total=total_bytes or None,
+        unit="B",
+        unit_scale=True,
+        desc="encoding corpus",
+        leave=False,
+        disable=None if total_bytes >= _BAR_MIN_BYTES or not total_bytes else True,
+    )
     try:
-        with open(tmp, "wb") as out:
+        with atomic_write(folder / TOKENS_FILE) as out:
             for chunk in chunks():
                 ids = tokenizer.encode(chunk)
                 out.write(ids.tobytes())
                 n += len(ids)
                 if not bar.disable:
                     bar.update(len(chunk.encode("utf-8")))
-        os.replace(tmp, folder / TOKENS_FILE)
         tokenizer.save(folder / VOCAB_FILE)
         meta = {"key": key, "n_tokens": n, "dtype": np.dtype(tokenizer.token_dtype).name}
-        meta_tmp = folder / f"{META_FILE}.tmp-{os.getpid()}"
-        meta_tmp.write_text(json.dumps(meta), encoding="utf-8")
-        os.replace(meta_tmp, folder / META_FILE)  # written last: its presence means the cache is whole
+        with atomic_write(folder / META_FILE, "w", encoding="utf-8") as f:  # written last: its presence means the cache is whole
+            f.write(json.dumps(meta))
     except OSError as exc:
         raise CorpusError(f"could not write the token cache in {folder}: {exc.strerror or exc}") from None
     finally:
         bar.close()
-        tmp.unlink(missing_ok=True)
     if bar.disable is False:
         print(f"encoded {n:,} characters into {folder / TOKENS_FILE}", file=sys.stderr)
     return _open_cache(folder, key)

@@ -1,7 +1,7 @@
 """A small HTTP server for prototypes in other languages: JSON completions and SSE streams.
 
 Standard library only (``http.server.ThreadingHTTPServer``): one thread per
-connection, all sharing one loaded :class:`~charrnn.sampling.Sampler` (which is
+connection, all sharing one loaded :class:`~charrnn.generation.sampler.Sampler` (which is
 thread-safe). Bound to 127.0.0.1 unless told otherwise. Endpoints:
 
 ``GET /health``
@@ -27,22 +27,20 @@ up to ``queue_timeout`` seconds, then get 503. Every error is JSON ``{"error": "
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import signal
-import sys
 import threading
 from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .errors import CharRNNError, ConfigError
+from ..config import SAMPLE_DEFAULTS, SampleConfig
+from ..errors import CharRNNError, ConfigError
+from ..generation.sampler import Sampler
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-DEFAULT_LENGTH = 200
 MAX_LENGTH = 2000
 MAX_BODY_BYTES = 64 * 1024
 MAX_CONCURRENT = 4
@@ -71,16 +69,18 @@ class CompletionServer(ThreadingHTTPServer):
     def __init__(
         self,
         address: tuple[str, int],
-        sampler: Any,
+        sampler: Sampler,
         *,
         max_length: int = MAX_LENGTH,
-        default_length: int = DEFAULT_LENGTH,
+        default_length: int | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
         max_concurrent: int = MAX_CONCURRENT,
         queue_timeout: float = 30.0,
         request_timeout: float = 60.0,
         quiet: bool = False,
     ):
+        if default_length is None:  # the sampling default, within this server's limit
+            default_length = min(SAMPLE_DEFAULTS.length, max_length)
         if not 1 <= default_length <= max_length:
             raise ConfigError(f"default length {default_length} must be in [1, max length {max_length}]")
         if max_body_bytes < 1 or max_concurrent < 1:
@@ -102,7 +102,7 @@ class CompletionServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
 
-def make_server(sampler: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **limits: Any) -> CompletionServer:
+def make_server(sampler: Sampler, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **limits: Any) -> CompletionServer:
     """A server for ``sampler`` bound to ``host:port`` (port 0: any free port); call ``serve_forever()``."""
     return CompletionServer((host, port), sampler, **limits)
 
@@ -120,7 +120,7 @@ def _parse_request(body: bytes, server: CompletionServer) -> tuple[str, dict[str
     except (json.JSONDecodeError, RecursionError) as exc:
         raise RequestError(bad, f"the body is not valid JSON ({exc})") from None
     if not isinstance(request, dict):
-        raise RequestError(bad, "the body must be a JSON object, e.g. {\"prompt\": \"ROMEO:\\n\"}")
+        raise RequestError(bad, 'the body must be a JSON object, e.g. {"prompt": "ROMEO:\\n"}')
     unknown = sorted(set(request) - set(_FIELDS))
     if unknown:
         raise RequestError(bad, f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(_FIELDS)}")
@@ -141,11 +141,13 @@ def _parse_request(body: bytes, server: CompletionServer) -> tuple[str, dict[str
     stop = request.get("stop", [])
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > MAX_STOPS or any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stop):
-        raise RequestError(bad, f"stop must be a string or a list of at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters")
+        raise RequestError(
+            bad, f"stop must be a string or a list of at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters"
+        )
     options = {k: request[k] for k in ("temperature", "top_k", "top_p") if k in request}
     options.update(length=length, seed=seed, stop=tuple(stop))
     try:
-        server.sampler._config(**options)  # every option checked before anything is generated
+        SampleConfig.from_options(**options)  # every option checked before anything is generated
     except (ConfigError, TypeError) as exc:
         raise RequestError(bad, str(exc)) from None
     return prompt, options, stream
@@ -228,7 +230,10 @@ class CompletionHandler(BaseHTTPRequestHandler):
                     "max_stops": MAX_STOPS,
                     "max_stop_chars": MAX_STOP_CHARS,
                 },
-                "defaults": {"length": self.server.default_length, "temperature": 0.8, "top_k": 0, "top_p": 1.0},
+                "defaults": {
+                    "length": self.server.default_length,
+                    **{k: getattr(SAMPLE_DEFAULTS, k) for k in ("temperature", "top_k", "top_p")},
+                },
             },
         )
 
@@ -291,13 +296,16 @@ class CompletionHandler(BaseHTTPRequestHandler):
     def _complete(self, prompt: str, options: dict[str, Any], stream: bool) -> None:
         sampler = self.server.sampler
         unknown = sampler.tokenizer.unknown_chars(prompt)
-        warnings = [f"the model never saw {''.join(unknown[:20])!r}; read as <unk>"] if unknown else []
-        pieces = sampler.stream(prompt, **options)
+        warnings = [sampler.tokenizer.unknown_note(unknown)] if unknown else []
+        # Reading the prompt checks it: a refused one still gets a JSON 400, before any 200 goes out.
+        pieces = sampler.continue_from(sampler.read(prompt), keep_context=False, **options)
         try:
-            first = next(pieces, "")  # reads the prompt: a refused one still gets a JSON 400
+            first = next(pieces, "")
             if not stream:
                 text = first + "".join(pieces)
-                self._send_json(HTTPStatus.OK, {"text": text, **self._summary(len(text), options, warnings)})
+                self._send_json(
+                    HTTPStatus.OK, {"text": text, **self._summary(len(text), pieces.finish_reason, options, warnings)}
+                )
                 return
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -311,93 +319,20 @@ class CompletionHandler(BaseHTTPRequestHandler):
             for piece in _prepend(first, pieces):
                 self._event({"text": piece})
                 text_length += len(piece)
-            self._event(self._summary(text_length, options, warnings), name="done")
+            self._event(self._summary(text_length, pieces.finish_reason, options, warnings), name="done")
         finally:
             pieces.close()  # a client that left stops the generation here
 
-    def _summary(self, text_length: int, options: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
-        # Every generated character shows unless a stop string cut the text.
-        reason = "length" if text_length >= options["length"] else "stop"
+    def _summary(self, text_length: int, reason: str | None, options: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
         return {"finish_reason": reason, "seed": options["seed"], "length": text_length, "warnings": warnings}
 
     def _event(self, payload: dict[str, Any], name: str | None = None) -> None:
         head = f"event: {name}\n" if name else ""
-        self.wfile.write(f"{head}data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode("utf-8"))
+        self.wfile.write(f"{head}data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
 
 
 def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
+    """``first`` (when not empty), then the rest."""
     if first:
         yield first
     yield from rest
-
-
-# --- the command line ---------------------------------------------------------------------------
-
-
-def serve_parser() -> argparse.ArgumentParser:
-    from .cli import HelpFormatter, add_runtime_options
-
-    parser = argparse.ArgumentParser(
-        prog="charrnn-serve",
-        description="Serve a trained charrnn model over HTTP: POST /complete (JSON, or server-sent events "
-        "with \"stream\": true) and GET /health.",
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: newest best under checkpoints/)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind; anything but 127.0.0.1 opens the model to the network")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free port)")
-    add_runtime_options(parser)
-    parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="most characters one request may ask for")
-    parser.add_argument("--default-length", type=int, default=DEFAULT_LENGTH, help="characters when a request gives no length")
-    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body accepted")
-    parser.add_argument("--max-concurrent", type=int, default=MAX_CONCURRENT, help="generations running at once; others wait")
-    parser.add_argument("--quiet", action="store_true", help="do not log each request")
-    return parser
-
-
-def _serve_main(argv: list[str]) -> int:
-    from .sampling import load
-
-    args = serve_parser().parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
-    limits = dict(
-        max_length=args.max_length,
-        default_length=args.default_length,
-        max_body_bytes=args.max_body_bytes,
-        max_concurrent=args.max_concurrent,
-        quiet=args.quiet,
-    )
-    sampler = load(args.checkpoint, device=args.device, dtype=args.precision)
-    try:
-        server = make_server(sampler, args.host, args.port, **limits)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {args.host}: anyone who can reach it can use this model", file=sys.stderr)
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # SIGTERM stops the server as Ctrl-C does
-
-    signal.signal(signal.SIGTERM, stop)
-    print(f"charrnn-serve: listening on {server.url} (POST /complete, GET /health; Ctrl-C stops)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("charrnn-serve: stopped", file=sys.stderr, flush=True)
-    finally:
-        server.server_close()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m charrnn.serve`` / ``charrnn-serve``."""
-    from .cli import run_cli
-
-    return run_cli(_serve_main, argv)
-
-
-if __name__ == "__main__":
-    from charrnn.serve import main as _main
-
-    sys.exit(_main())

@@ -10,21 +10,15 @@ and the reply ends where the model starts the next turn (the turn separator), wh
 never shown. The session's whole memory is the hidden state after the text shown so
 far, so every turn costs only its own characters, however long the conversation.
 
-``python -m charrnn.chat --checkpoint RUN`` (or ``charrnn-chat``) is the terminal
-front end; :meth:`ChatSession.save` / :meth:`ChatSession.load` let a conversation
-survive a restart.
+``charrnn chat --checkpoint RUN`` is the terminal front end (``charrnn.cli.chat``);
+:meth:`ChatSession.save` / :meth:`ChatSession.load` let a conversation survive a restart.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
-import re
 import struct
-import sys
-import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -36,13 +30,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from . import __version__
-from .errors import CharRNNError, ConfigError, PromptError, SessionFileError
-from .sampling import new_generator
+from .._io import atomic_write
+from .._version import __version__
+from ..config import SampleConfig
+from ..errors import CharRNNError, ConfigError, PromptError, SessionFileError
+from .processors import new_generator
+from .stepper import Context
 
 if TYPE_CHECKING:
-    from .model import Hidden
-    from .sampling import Sampler
+    from .sampler import Sampler
 
 SESSION_FORMAT = "charrnn-chat-session"
 SESSION_VERSION = 1
@@ -176,28 +172,26 @@ class ChatSession:
         if template is not None:
             if options.get("stop") is None:  # the reply ends where the model begins a new turn
                 options["stop"] = template.stops
-            unknown = sampler.tokenizer.unknown_chars("".join(asdict(template).values()))
+            unknown = sampler.tokenizer.unknown_chars("".join(template.to_dict().values()))
             if unknown:
                 raise ConfigError(
                     f"the chat template uses characters the model never saw ({''.join(unknown)!r}): "
                     "write its prefixes and separator with characters of the training corpus"
                 )
         self.config = self._merged(options)
-        # The state right after the preamble, where reset() returns to (None: nothing read).
-        self._start: tuple[torch.Tensor, Hidden] | None = None
-        if preamble:
-            self._start = sampler.feed(sampler.encode_prompt(preamble))
+        # The context right after the preamble, where reset() returns to (None: nothing read).
+        self._start: Context | None = sampler.read(preamble) if preamble else None
         self.reset()
 
     # -- options ------------------------------------------------------------------------
-    def _merged(self, options: dict[str, Any], base: dict[str, Any] | None = None) -> Any:
+    def _merged(self, options: dict[str, Any], base: SampleConfig | None = None) -> SampleConfig:
         if "seed" in options:
             raise ConfigError("a chat session's seed is set when it is made: sampler.chat(seed=...)")
-        return self.sampler._config(**{**(base or {}), **options})
+        return SampleConfig.from_options(base, **options)
 
     def configure(self, **options: Any) -> None:
         """Change the reply options from now on (e.g. ``temperature=0.7``); checked first."""
-        self.config = self._merged(options, asdict(self.config))
+        self.config = self._merged(options, self.config)
 
     @property
     def seed(self) -> int | None:
@@ -207,7 +201,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation: back to just after the preamble, the random stream restarted from the seed."""
         self._generator = new_generator(self._seed)
-        self._logits, self._hidden = self._start if self._start is not None else (None, None)
+        self._context: Context | None = self._start
         # The last characters read, to complete the text with the turn separator (bounded by its length).
         self._tail = self._keep_tail("", self.preamble)
         self.turns = 0
@@ -222,7 +216,7 @@ class ChatSession:
             self._read(text)
 
     def _read(self, text: str) -> None:
-        self._logits, self._hidden = self.sampler.feed(self.sampler.encode_prompt(text), self._hidden)
+        self._context = self.sampler.read(text, self._context)
         self._tail = self._keep_tail(self._tail, text)
 
     def turn_text(self, message: str) -> str:
@@ -240,35 +234,29 @@ class ChatSession:
         limit = self.sampler.max_prompt_chars
         if len(text) > limit:  # checked before the turn text copies it
             raise PromptError(f"the message has {len(text):,} characters; the limit is {limit:,}: send a shorter one")
-        if text and len(self.sampler.tokenizer.unknown_chars(text)) == len(set(text)):
-            raise PromptError(
-                f"the message is made only of characters the model never saw ({text[:20]!r}): "
-                "write it with characters of the training corpus"
-            )
+        self.sampler.tokenizer.check_known(text, "the message")
 
     def stream(self, text: str = "", **options: Any) -> Iterator[str]:
         """Read ``text`` (a message, with a template), then yield the reply piece by piece.
 
         If you stop reading early, the session stands right after the pieces you got.
         """
-        config = self._merged(options, asdict(self.config))
+        config = self._merged(options, self.config)
         self._check_message(text)
         turn = self.turn_text(text)
         if turn:
             self._read(turn)
-        if self._logits is None:  # nothing read yet: start as a prompt-less sample would
-            self._logits, self._hidden = self.sampler.feed(self.sampler.encode_prompt(""))
-        end: dict[str, Any] = {}
-        run = self.sampler._run(self._logits, self._hidden, config, self._generator, end)
+        if self._context is None:  # nothing read yet: start as a prompt-less sample would
+            self._context = self.sampler.read("")
+        reply = self.sampler.continue_from(self._context, config, generator=self._generator)
         try:
-            for _, piece in run:
+            for piece in reply:
                 self._tail = self._keep_tail(self._tail, piece)
                 yield piece
         finally:
-            # Also when the reader stops early: _run then rewinds `end` to the shown text.
-            run.close()
-            if "logits" in end:
-                self._logits, self._hidden = end["logits"], end["hidden"]
+            # Also when the reader stops early: the context is then right after the pieces shown.
+            reply.close()
+            self._context = reply.context
             self.turns += 1
 
     def send(self, text: str = "", **options: Any) -> str:
@@ -279,10 +267,10 @@ class ChatSession:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the session keeps (what :meth:`save` writes): its size never depends on the turns."""
         tensors: dict[str, torch.Tensor] = {"generator": self._generator.get_state()}
-        for prefix, state in (("", (self._logits, self._hidden)), ("start_", self._start)):
-            if state is None or state[0] is None:
+        for prefix, context in (("", self._context), ("start_", self._start)):
+            if context is None:
                 continue
-            logits, hidden = state
+            logits, hidden = context.logits, context.hidden
             tensors[prefix + "logits"] = logits
             if isinstance(hidden, tuple):
                 tensors[prefix + "h"], tensors[prefix + "c"] = hidden
@@ -311,15 +299,10 @@ class ChatSession:
         tensors = self.state_tensors()
         meta["sha256"] = _tensors_sha256(tensors)  # safetensors has no checksum of its own
         data = save_safetensors_bytes(tensors, metadata={_METADATA_KEY: json.dumps(meta)})
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            with open(tmp, "wb") as f:
+            with atomic_write(path) as f:  # a crash leaves the previous file whole
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # a crash leaves the previous file whole
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise SessionFileError(f"could not save the chat session to {path}: {exc.strerror or exc}") from None
         return path
 
@@ -354,7 +337,7 @@ class ChatSession:
         names = ("h", "c") if cfg.cell == "lstm" else ("h",)
         device = self.sampler.device
 
-        def state(prefix: str) -> tuple[torch.Tensor, Any] | None:
+        def state(prefix: str) -> Context | None:
             keys = [prefix + "logits"] + [prefix + n for n in names]
             if not any(k in tensors for k in keys):
                 return None
@@ -364,7 +347,7 @@ class ChatSession:
                 if t is None or tuple(t.shape) != shape or t.dtype != torch.float32 or not torch.isfinite(t).all():
                     raise SessionFileError(f"{damaged}: tensor {k!r} is missing or is not a finite float32 {shape}")
             hidden = tuple(tensors[prefix + n].to(device) for n in names)
-            return tensors[prefix + "logits"].to(device), (hidden if cfg.cell == "lstm" else hidden[0])
+            return Context(tensors[prefix + "logits"].to(device), hidden if cfg.cell == "lstm" else hidden[0])
 
         start, now = state("start_"), state("")
         if (start is None) != (not self.preamble):
@@ -378,7 +361,7 @@ class ChatSession:
             raise SessionFileError(f"{damaged}: its random state does not load ({exc})") from None
         # The start state is the one saved, not the preamble re-read: reset() then matches the original exactly.
         self._start = start
-        self._logits, self._hidden = now if now is not None else (None, None)
+        self._context = now
 
 
 def _read_session_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -408,8 +391,7 @@ def _read_session_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         raise SessionFileError(not_ours)
     if meta.get("version") != SESSION_VERSION:
         raise SessionFileError(
-            f"{path} is a chat session of format version {meta.get('version')!r}; this charrnn reads "
-            f"version {SESSION_VERSION}"
+            f"{path} is a chat session of format version {meta.get('version')!r}; this charrnn reads version {SESSION_VERSION}"
         )
     try:
         tensors = load_safetensors_bytes(data)
@@ -426,187 +408,3 @@ def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
         digest.update(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
-
-
-# --- the terminal chat loop ------------------------------------------------------------------
-
-COMMANDS = """commands:
-  /reset        forget the conversation
-  /temp T       sampling temperature from now on (0: greedy)
-  /save FILE    save the conversation to FILE
-  /load FILE    resume a conversation saved with /save
-  /help         this list
-  /quit         leave (so does end of input, Ctrl-D)"""
-
-
-def _unescape(text: str) -> str:
-    r"""Read ``\n``, ``\t`` and ``\\`` in a command-line value (other backslashes stay as typed)."""
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
-
-
-def _shown(text: str) -> str:
-    """A template string as the help shows it: newlines as \\n."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
-
-
-def chat_parser() -> argparse.ArgumentParser:
-    from .cli import HelpFormatter, add_runtime_options
-
-    defaults = ChatTemplate()
-    parser = argparse.ArgumentParser(
-        prog="charrnn-chat",
-        description="Chat with a trained charrnn model in the terminal; replies stream as they are written. "
-        "Type /help in the chat for its commands.",
-        formatter_class=HelpFormatter,
-        epilog="In the template options, \\n means a newline and \\t a tab.",
-    )
-    parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: newest best under checkpoints/)")
-    add_runtime_options(parser)
-    parser.add_argument("--length", type=int, default=300, help="maximum characters in a reply")
-    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 means greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest characters only (0: off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed: the same seed and lines give the same chat")
-    parser.add_argument("--user-prefix", default=_shown(defaults.user_prefix), help="written before each of your messages")
-    parser.add_argument("--bot-prefix", default=_shown(defaults.bot_prefix), help="written before each reply")
-    parser.add_argument("--separator", default=_shown(defaults.turn_separator), help="ends every turn")
-    parser.add_argument("--stop", action="append", default=[], help="a reply ends at this string (repeatable; default: the separator)")
-    parser.add_argument("--preamble", default="", help="text read before the conversation (a 'system' text)")
-    parser.add_argument("--preamble-file", default=None, help="read the preamble from this UTF-8 file")
-    return parser
-
-
-def _label(prefix: str, fallback: str) -> str:
-    return prefix.strip() or fallback
-
-
-class _Terminal:
-    """The chat loop's input and output: a transcript on stdout, everything else on stderr."""
-
-    def __init__(self, session: ChatSession):
-        self.session = session
-        self.echo = not sys.stdin.isatty()  # piped input: echo it, so stdout reads as a transcript
-
-    def say(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    def read_line(self) -> str | None:
-        template = self.session.template or ChatTemplate()
-        try:
-            line = input(_label(template.user_prefix, "you>") + " ")
-        except EOFError:
-            print(flush=True)
-            return None
-        if self.echo:
-            print(line, flush=True)
-        return line
-
-    def reply(self, message: str) -> None:
-        template = self.session.template or ChatTemplate()
-        out = sys.stdout
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pieces = self.session.stream(message)
-            try:
-                first = next(pieces, "")  # reads the message: a refused one prints no reply label
-            finally:
-                for w in caught:
-                    self.say(f"warning: {w.message}")
-        out.write(_label(template.bot_prefix, "bot>") + " " + first)
-        out.flush()
-        try:
-            for piece in pieces:
-                out.write(piece)
-                out.flush()
-        except KeyboardInterrupt:  # Ctrl-C ends the reply, not the chat
-            pieces.close()
-            self.say("\n(reply interrupted)")
-        out.write("\n")
-        out.flush()
-
-    def command(self, line: str) -> bool:
-        """Run a /command; False when the chat should end."""
-        name, _, arg = line.partition(" ")
-        arg = arg.strip()
-        if name in ("/quit", "/exit"):
-            return False
-        if name == "/help":
-            self.say(COMMANDS)
-        elif name == "/reset":
-            self.session.reset()
-            self.say("(conversation reset)")
-        elif name == "/temp":
-            try:
-                value = float(arg)
-            except ValueError:
-                raise ConfigError(f"/temp needs a number, e.g. /temp 0.7 (got {arg!r})") from None
-            self.session.configure(temperature=value)
-            self.say(f"(temperature {value:g})")
-        elif name in ("/save", "/load"):
-            if not arg:
-                raise ConfigError(f"{name} needs a file name, e.g. {name} chat.session")
-            if name == "/save":
-                self.say(f"(saved to {self.session.save(arg)})")
-            else:
-                self.session = ChatSession.load(self.session.sampler, arg)
-                self.say(f"(loaded {arg}: {self.session.turns} turns so far)")
-        else:
-            raise ConfigError(f"unknown command {name}: type /help for the list")
-        return True
-
-    def loop(self) -> None:
-        while True:
-            line = self.read_line()
-            if line is None:
-                return
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                if line.startswith("/"):
-                    if not self.command(line):
-                        return
-                else:
-                    self.reply(line)
-            except CharRNNError as exc:  # a bad line or command: say why and go on
-                self.say(f"error: {exc}")
-
-
-def _chat_main(argv: list[str]) -> int:
-    from .config import SampleConfig
-    from .sampling import load
-
-    args = chat_parser().parse_args(argv)
-    template = ChatTemplate(_unescape(args.user_prefix), _unescape(args.bot_prefix), _unescape(args.separator))
-    preamble = _unescape(args.preamble)
-    if args.preamble_file:
-        try:
-            preamble = Path(args.preamble_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read --preamble-file {args.preamble_file}: {exc}") from None
-    options: dict[str, Any] = dict(length=args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    if args.stop:
-        options["stop"] = tuple(_unescape(s) for s in args.stop)
-    SampleConfig(**options)  # check the options before the (slower) model load
-    sampler = load(args.checkpoint, device=args.device, dtype=args.precision)
-    terminal = _Terminal(ChatSession(sampler, args.seed, template=template, preamble=preamble, **options))
-    terminal.say(
-        f"charrnn chat: you write as {_label(template.user_prefix, 'the user')!r}, the model answers as "
-        f"{_label(template.bot_prefix, 'the bot')!r}. /help lists the commands; /quit leaves."
-    )
-    terminal.loop()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m charrnn.chat`` / ``charrnn-chat``: user mistakes exit 2, Ctrl-C 130."""
-    from .cli import run_cli
-
-    return run_cli(_chat_main, argv)
-
-
-if __name__ == "__main__":
-    # Run the package's copy of this module, so that its classes are charrnn.ChatSession itself.
-    from charrnn.chat import main as _main
-
-    sys.exit(_main())

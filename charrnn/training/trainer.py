@@ -10,34 +10,35 @@ improved, ``best`` (what sampling needs).
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
 import threading
 import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .config import ModelConfig, TrainConfig
-from .data import BatchStreams, StreamPosition, corpus_name, split_tokens
-from .device import autocast, resolve_device, resolve_dtype
+from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..config import ModelConfig, TrainConfig
+from ..data.corpus import corpus_name
+from ..data.streams import BatchStreams, StreamPosition, split_tokens
+from ..data.token_cache import corpus_tokens
+from ..device import autocast, resolve_device, resolve_dtype
+from ..errors import CheckpointError, ConfigError, CorpusError, TrainingError
+from ..evaluation import evaluate
+from ..model import CharRNN, Hidden, count_parameters, detach_hidden
+from .callbacks import Callback, PreviewFunction, default_callbacks, trigger
 from .distributed import Distributed
-from .errors import CheckpointError, ConfigError, CorpusError, TrainingError
-from .evaluation import LN2, evaluate
-from .model import CharRNN, Hidden, count_parameters, detach_hidden
-from .sampling import Sampler
 from .sizing import plan_run
-from .token_cache import corpus_tokens
 
 # Settings that may change when a run resumes (with a warning for the ones that matter).
 _QUIET_ON_RESUME = {"resume", "out", "device", "progress", "plot"}
@@ -53,6 +54,7 @@ class TrainResult:
     best_val_loss: float
     stop_reason: str
     signal: int | None = None
+    plot: Path | None = None  # the loss curves, when a callback drew them
 
     @property
     def best(self) -> Path:
@@ -95,12 +97,16 @@ def make_optimizer(model: CharRNN, config: TrainConfig) -> torch.optim.AdamW:
 
 
 def merge_resume_config(
-    config: TrainConfig, model_config: ModelConfig, saved: Checkpoint, explicit: set[str]
+    config: TrainConfig,
+    model_config: ModelConfig,
+    saved: Checkpoint,
+    explicit: set[str],
+    notify: Callable[[str], None] | None = None,
 ) -> tuple[TrainConfig, ModelConfig]:
     """The settings a resumed run uses: the checkpoint's, with what the user set explicitly.
 
     A different model shape is an error (the weights would not fit); other changed
-    settings are allowed with a warning.
+    settings are allowed with a warning, handed to ``notify`` (default: ``warnings.warn``).
     """
     saved_train = saved.meta.get("train", {})
     saved_model = saved.meta["model"]
@@ -131,12 +137,16 @@ def merge_resume_config(
         target = model_values if name in model_values else train_values
         new = getattr(model_config, name) if target is model_values else getattr(config, name)
         if name not in _QUIET_ON_RESUME and target.get(name) != new:
-            print(f"warning: resuming with {name}={new!r}; the run was trained with {target.get(name)!r}", file=sys.stderr)
+            (notify or _warn)(f"warning: resuming with {name}={new!r}; the run was trained with {target.get(name)!r}")
         target[name] = new
     train_values["resume"] = config.resume
     if "out" not in explicit:  # the run goes on where its checkpoint is, even if it was moved since
         train_values["out"] = str(saved.path.parent)
     return TrainConfig(**train_values), ModelConfig(**model_values)
+
+
+def _warn(text: str) -> None:
+    warnings.warn(text.removeprefix("warning: "), stacklevel=3)
 
 
 def _explicit_fields(config: TrainConfig, model_config: ModelConfig) -> set[str]:
@@ -190,16 +200,23 @@ class Trainer:
         config: TrainConfig,
         model_config: ModelConfig | None = None,
         explicit: set[str] | None = None,
+        callbacks: Sequence[Callback] | None = None,
+        preview: PreviewFunction | None = None,
     ):
         model_config = model_config or ModelConfig()
-        saved = None
+        self.dist = Distributed.from_env()
+        saved, notes = None, []
         if config.resume:
             saved = load_checkpoint(config.resume, with_training_state=True)
             if explicit is None:
                 explicit = _explicit_fields(config, model_config)
-            config, model_config = merge_resume_config(config, model_config, saved, explicit)
+            config, model_config = merge_resume_config(config, model_config, saved, explicit, notes.append)
+        # The default set follows the settings the run goes on with (a resumed run's, once merged).
+        callbacks = default_callbacks(config, preview) if callbacks is None else list(callbacks)
+        self.callbacks = callbacks if self.dist.is_main else []  # only the main process reports
+        for note in notes:
+            self.message(note)
         self.config = config
-        self.dist = Distributed.from_env()
         self.device = self.dist.start(resolve_device(config.device))
         self.dtype = resolve_dtype(config.dtype, self.device)
 
@@ -207,8 +224,11 @@ class Trainer:
         for turn in (True, False):
             if self.dist.is_main == turn:
                 tokens, self.tokenizer = corpus_tokens(
-                    config.data, config.hf_split, config.hf_column,
-                    tokenizer=saved.tokenizer if saved else None, max_vocab=config.max_vocab,
+                    config.data,
+                    config.hf_split,
+                    config.hf_column,
+                    tokenizer=saved.tokenizer if saved else None,
+                    max_vocab=config.max_vocab,
                 )
             self.dist.barrier()
         self.train_tokens, self.val_tokens = split_tokens(tokens)
@@ -216,8 +236,12 @@ class Trainer:
             raise CorpusError(f"corpus {config.data!r} is too short for a validation split: it needs at least 20 characters")
         # Settings left at auto are chosen from the budget (a resumed run has none left).
         self.plan = plan_run(
-            config, replace(model_config, vocab_size=self.tokenizer.vocab_size), len(self.train_tokens),
-            self.device, self.dtype, share=lambda v: self.dist.sum([v if self.dist.is_main else 0.0], self.device)[0],
+            config,
+            replace(model_config, vocab_size=self.tokenizer.vocab_size),
+            len(self.train_tokens),
+            self.device,
+            self.dtype,
+            share=lambda v: self.dist.sum([v if self.dist.is_main else 0.0], self.device)[0],
         )
         config, model_config = self.plan.config, self.plan.model
         self.config = config
@@ -226,7 +250,10 @@ class Trainer:
             # so N processes x batch B see exactly the batches of one process x batch N*B.
             bs, rank = config.batch_size, self.dist.rank
             self.streams = BatchStreams(
-                self.train_tokens, bs * self.dist.world_size, config.seq_len, config.seed,
+                self.train_tokens,
+                bs * self.dist.world_size,
+                config.seq_len,
+                config.seed,
                 rows=slice(rank * bs, (rank + 1) * bs),
             )
         except CorpusError as exc:
@@ -256,7 +283,7 @@ class Trainer:
         if saved:
             self._restore(saved)
             self._fit_position_to_layout(saved)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.chars_per_step = self.streams.batch_size * config.seq_len
 
     def _default_run_dir(self, saved: Checkpoint | None) -> Path:
         if saved is not None:
@@ -335,49 +362,44 @@ class Trainer:
         saved_global = saved_train.get("batch_size", 0) * saved.state.get("world_size", 1)
         changed = []
         if saved_global != self.streams.batch_size:
-            changed.append("--batch-size" if self.dist.world_size == saved.state.get("world_size", 1) else "the global batch (--batch-size x processes)")
+            changed.append(
+                "--batch-size"
+                if self.dist.world_size == saved.state.get("world_size", 1)
+                else "the global batch (--batch-size x processes)"
+            )
         if saved_train.get("seq_len") != self.config.seq_len:
             changed.append("--seq-len")
         pos = self.position
         if (changed and pos.index > 0) or pos.index >= self.streams.batches_in_epoch(pos.epoch):
             self.position, self.hidden = StreamPosition(pos.epoch + 1, 0), None
             why = f"{' and '.join(changed)} changed" if changed else "the corpus is shorter than it was"
-            print(
+            self.message(
                 f"note: {why}, so the saved place in the batch streams no longer applies; training goes on "
-                f"from the start of epoch {self.position.epoch}",
-                file=sys.stderr,
+                f"from the start of epoch {self.position.epoch}"
             )
         elif changed:
             self.hidden = None
 
-    # -- evaluation, saving, logging --------------------------------------------------------------
-    def _log(self, record: dict[str, Any]) -> None:
-        try:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as exc:
-            raise TrainingError(
-                f"could not write {self.metrics_path}: {exc.strerror or exc}; free some disk space, then resume "
-                f"from {self.run_dir / 'last'}"
-            ) from None
+    # -- reporting ----------------------------------------------------------------------------------
+    def message(self, text: str) -> None:
+        """A warning or note for the user, handed to the callbacks."""
+        trigger(self.callbacks, "on_message", self, text)
 
-    def _trim_metrics(self) -> None:
-        """On resume, drop metrics the interrupted run logged after its checkpoint.
+    def describe(self) -> str:
+        """One line on what trains: model, data, device, processes, run directory."""
+        m = self.model_config
+        return (
+            f"charrnn: {m.cell} {m.n_layers}x{m.hidden_size}, {count_parameters(self.model):,} parameters, "
+            f"vocab {self.tokenizer.vocab_size}, {len(self.train_tokens):,} train / {len(self.val_tokens):,} val chars, "
+            f"{self.device.type} {str(self.dtype).replace('torch.', '')}"
+            f"{f', {self.dist.world_size} processes' if self.dist.enabled else ''}; run dir {self.run_dir}"
+        )
 
-        A process killed mid-write can leave a cut-off last line; it is dropped too.
-        """
-        if not self.metrics_path.exists():
-            return
-        kept = []
-        for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= self.step:
-                kept.append(line)
-        self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    def progress(self) -> float:
+        """How far the run is through its budget, 0 -> 1."""
+        return budget_progress(self.config, self.step, self.elapsed)
 
+    # -- evaluation and saving ------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
         return {
             "train": asdict(self.config),
@@ -386,7 +408,7 @@ class Trainer:
             "dtype": str(self.dtype).replace("torch.", ""),
         }
 
-    def checkpoint(self, bar: tqdm) -> None:
+    def checkpoint(self) -> None:
         """Evaluate on the whole validation split and save ``last`` (and ``best`` if it improved).
 
         Under DDP every process calls this (the state is gathered from all of them), and
@@ -405,19 +427,11 @@ class Trainer:
             self.evals_without_improvement += 1
         state["best_val_loss"] = self.best_val if math.isfinite(self.best_val) else None
         state["evals_without_improvement"] = self.evals_without_improvement
-        self._log({"step": self.step, "val_loss": val, "val_bpc": val / LN2, "elapsed": round(self.elapsed, 3)})
+        trigger(self.callbacks, "on_evaluation", self, val, improved)
         if improved:
             save_checkpoint(self.run_dir / "best", self.model, self.tokenizer, self._meta())
         save_checkpoint(self.run_dir / "last", self.model, self.tokenizer, self._meta(), tensors, state)
-        bar.write(
-            f"step {self.step:>6} | val {val:.4f} nats/char ({val / LN2:.3f} bpc)"
-            f"{' (best)' if improved else ''} | {self.elapsed:.0f} s"
-        )
-        if self.config.sample_chars:
-            sampler = Sampler(self.model, self.tokenizer, self.device)
-            text = sampler.generate("\n", length=self.config.sample_chars, temperature=0.8, seed=self.config.seed)
-            self.model.train()
-            bar.write("    " + text.replace("\n", "\n    "))
+        trigger(self.callbacks, "on_checkpoint", self, val, improved)
 
     # -- the loop -------------------------------------------------------------------------------------
     def _budget_done(self) -> str | None:
@@ -485,92 +499,60 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train until a budget, a signal or early stopping ends the run; save and report."""
-        c = self.config
-        main = self.dist.is_main
-        if main:
+        if self.dist.is_main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(
                     f"cannot create the run directory {self.run_dir}: {exc.strerror or exc}; choose another --out"
                 ) from None
-            self._trim_metrics()
-            print(f"charrnn: {self.plan.reason}", file=sys.stderr)
-            print(
-                f"charrnn: {self.model_config.cell} {self.model_config.n_layers}x{self.model_config.hidden_size}, "
-                f"{count_parameters(self.model):,} parameters, vocab {self.tokenizer.vocab_size}, "
-                f"{len(self.train_tokens):,} train / {len(self.val_tokens):,} val chars, "
-                f"{self.device.type} {str(self.dtype).replace('torch.', '')}"
-                f"{f', {self.dist.world_size} processes' if self.dist.enabled else ''}; run dir {self.run_dir}",
-                file=sys.stderr,
-            )
-        chars_per_step = self.streams.batch_size * c.seq_len
         self.model.train()
         stop_signal = StopSignal()
-        reason = None
-        bar = tqdm(total=1000, disable=None if c.progress and main else True, dynamic_ncols=True, leave=False,
-                   bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
         try:
-            with stop_signal.installed():
-                window_chars, window_start = 0, time.perf_counter()
-                while reason is None:
-                    reason = self._should_stop(stop_signal)
-                    if reason:
-                        break
-                    # --max-time counts training steps only: evaluations and saves come on top.
-                    start = time.perf_counter()
-                    loss = self.train_step()
-                    self.elapsed += time.perf_counter() - start
-                    if main:
-                        self._log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                                   "elapsed": round(self.elapsed, 3)})
-                    window_chars += chars_per_step
-                    if self.step % c.eval_interval == 0:
-                        self.checkpoint(bar)
-                    if self.step % 10 == 0 and main:
-                        now = time.perf_counter()
-                        speed = window_chars / (now - window_start)
-                        window_chars, window_start = 0, now
-                        bar.n = int(1000 * min(1.0, budget_progress(c, self.step, self.elapsed)))
-                        bar.set_postfix_str(f" step {self.step} loss {loss:.3f} best val {self.best_val:.3f} {speed:,.0f} chars/s")
-                # The last evaluation and save, still under the handler: a second Ctrl-C cannot cut them short.
-                if self.saved_step != self.step:
-                    self.checkpoint(bar)
+            result = self._loop(stop_signal)
         finally:
-            bar.close()
-        if main:
-            plot = _plot(self.run_dir) if c.plot else None
-            print(
-                f"charrnn: {reason} at step {self.step}; best val {self.best_val:.4f} nats/char "
-                f"({self.best_val / LN2:.3f} bpc)\n"
-                f"  checkpoints: {self.run_dir / 'best'} (best), {self.run_dir / 'last'} (last, resumable)\n"
-                f"{f'  plot:    {plot}' + chr(10) if plot else ''}"
-                f"  sample:  python sample.py --checkpoint {self.run_dir} --prompt \"ROMEO:\"\n"
-                f"  resume:  python train.py --resume {self.run_dir / 'last'} --max-time SECONDS",
-                file=sys.stderr,
-            )
+            trigger(self.callbacks, "on_close", self)
         self.dist.barrier()  # nobody leaves while rank 0 still writes
-        return TrainResult(self.run_dir, self.step, self.best_val, reason, stop_signal.signum)
+        return result
+
+    def _loop(self, stop_signal: StopSignal) -> TrainResult:
+        c, reason = self.config, None
+        trigger(self.callbacks, "on_start", self)
+        with stop_signal.installed():
+            while reason is None:
+                reason = self._should_stop(stop_signal)
+                if reason:
+                    break
+                # --max-time counts training steps only: evaluations and saves come on top.
+                start = time.perf_counter()
+                loss = self.train_step()
+                self.elapsed += time.perf_counter() - start
+                trigger(self.callbacks, "on_step", self, loss)
+                if self.step % c.eval_interval == 0:
+                    self.checkpoint()
+            # The last evaluation and save, still under the handler: a second Ctrl-C cannot cut them short.
+            if self.saved_step != self.step:
+                self.checkpoint()
+        result = TrainResult(self.run_dir, self.step, self.best_val, reason, stop_signal.signum)
+        trigger(self.callbacks, "on_end", self, result)
+        return result
 
 
-def _plot(run_dir: Path) -> Path | None:
-    """The run's loss curves as a PNG, when matplotlib is installed; never fails a finished run."""
-    try:
-        from .plot import plot_run
-
-        return plot_run(run_dir)
-    except Exception as exc:  # a picture is a bonus: report, do not fail the run
-        print(f"note: no training plot ({exc})", file=sys.stderr)
-        return None
-
-
-def train(config: TrainConfig, model_config: ModelConfig | None = None, explicit: set[str] | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    model_config: ModelConfig | None = None,
+    explicit: set[str] | None = None,
+    callbacks: Sequence[Callback] | None = None,
+    preview: PreviewFunction | None = None,
+) -> TrainResult:
     """Train a CharRNN as ``config`` says and return where its checkpoints are.
 
+    ``callbacks`` report the run (default: :func:`~charrnn.training.callbacks.default_callbacks`
+    of the run's settings, with ``preview`` making its sample text).
     Under ``torchrun`` every process calls this; they train together with DDP.
     """
     dist = Distributed.from_env()
     try:
-        return Trainer(config, model_config, explicit).run()
+        return Trainer(config, model_config, explicit, callbacks, preview).run()
     finally:
         dist.stop()

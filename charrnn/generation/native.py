@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import platform
+import shutil
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,53 +34,98 @@ except ImportError:  # Windows
 
 import torch
 
-from .model import CharRNN, Hidden
-from .stepper import GATES, StateAfter, Weights, run_steps
+from ..model import CELL_TABLE, CharRNN, Hidden
+from .stepper import StateAfter, Weights, run_steps
 
 SOURCE = Path(__file__).parent / "csrc" / "step.cpp"
-CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 _kernel: ModuleType | None = None
 _failure: str | None = None
+_load_lock = threading.Lock()
 
 
 def _cpu_signature() -> str:
     """What ``-march=native`` depends on, so a cache shared by two machines never mixes binaries."""
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features")))
+        with open("/proc/cpuinfo") as info:
+            flags = next(line for line in info if line.startswith(("flags", "Features")))
     except (OSError, StopIteration):
         flags = platform.processor()
     return hashlib.sha256(f"{platform.machine()}{flags}{torch.__version__}".encode()).hexdigest()[:12]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+
+
+def _writable(folder: Path) -> bool:
+    """Whether charrnn may write in ``folder``: allowed by the OS and by its mode bits (root ignores
+    the bits, but a folder made read-only is meant to stay as it is)."""
+    try:
+        return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
+def _import_built(name: str, library: Path) -> ModuleType:
+    """Import an already built kernel without touching its folder (no ninja, no lock files)."""
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{library} is not a loadable extension")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _hint(build: Path, failure: str) -> str:
+    """What to do about a failed build: the fix for the cause that the error or the machine shows."""
+    compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
+    if "command not found" in failure or not any(c and shutil.which(c) for c in compilers):
+        return "Install a C++ compiler (g++ or clang) to get it"
+    if "ninja is required" in failure.lower():
+        return "Install ninja (pip install ninja) to get it"
+    if not _writable(build.parent if not build.exists() else build):
+        return f"Make {build} writable, or point TORCH_EXTENSIONS_DIR at a writable folder, to get it"
+    return "The compiler's message is above; CHARRNN_KERNEL=off silences this warning"
 
 
 def load_kernel() -> ModuleType | None:
     """The compiled kernel, building it on first use; None (with one warning) if it cannot be built.
 
     ``CHARRNN_KERNEL=off`` in the environment turns it off: everything then runs on torch ops.
+    A built kernel in a read-only cache is loaded as it is. Threads share one build.
     """
     global _kernel, _failure
     if os.environ.get("CHARRNN_KERNEL", "").lower() == "off":
         return None
-    if _kernel is not None or _failure is not None:
-        return _kernel
-    try:
-        from torch.utils.cpp_extension import load
-
+    with _load_lock:  # the first callers of several threads wait for one build, not start one each
+        if _kernel is not None or _failure is not None:
+            return _kernel
         name = f"charrnn_step_{_cpu_signature()}"
-        build = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions")) / name
-        build.mkdir(parents=True, exist_ok=True)
-        flags = ["-O3", "-fopenmp", "-ffast-math"] + (["-march=native", "-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"])
-        with _build_lock(build):
-            if not any(build.glob("*.so")):
-                print("charrnn: compiling the sampling kernel for this CPU (once; about 30 s)", file=sys.stderr, flush=True)
-            _kernel = load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(build))
-    except Exception as error:  # no compiler, no ninja, a failed build: fall back, say why once
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        _failure = "; ".join(([line for line in lines if "error" in line.lower()] or lines or [type(error).__name__])[:3])
-        warnings.warn(
-            f"charrnn's sampling kernel could not be built ({_failure}); sampling uses the slower torch "
-            "step. Install a C++ compiler (g++ or clang) and ninja to get it.",
-            stacklevel=2,
-        )
+        build = _cache_root() / name
+        try:
+            library = build / f"{name}.so"
+            if library.is_file() and not _writable(build):
+                _kernel = _import_built(name, library)
+                return _kernel
+            from torch.utils.cpp_extension import load
+
+            build.mkdir(parents=True, exist_ok=True)
+            flags = ["-O3", "-fopenmp", "-ffast-math"] + (
+                ["-march=native", "-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
+            )
+            with _build_lock(build):
+                if not any(build.glob("*.so")):
+                    print("charrnn: compiling the sampling kernel for this CPU (once; about 30 s)", file=sys.stderr, flush=True)
+                _kernel = load(
+                    name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(build)
+                )
+        except Exception as error:  # no compiler, no ninja, a failed build: fall back, say why once
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            _failure = "; ".join(([line for line in lines if "error" in line.lower()] or lines or [type(error).__name__])[:3])
+            warnings.warn(
+                f"charrnn's sampling kernel could not be built ({_failure}); sampling uses the slower torch step. {_hint(build, _failure)}.",
+                stacklevel=3,
+            )
     return _kernel
 
 
@@ -89,12 +137,20 @@ def _build_lock(build: Path) -> Iterator[None]:
     and a build killed outright leaves the file behind, so every later start would hang.
     Every charrnn process takes this lock first, and the OS releases it when its holder
     dies: whoever holds it knows that no build is running, and that a ``lock`` file is stale.
+    A process that has to wait says so, rather than hang without a word.
     """
     if fcntl is None:  # Windows: no flock, and torch's own lock is all there is
         yield
         return
     with open(build / "charrnn.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if any(build.glob("*.so")):  # built already: the holder only checks it, a moment's wait
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            else:
+                _say_and_wait(handle, build)
+
         stale = build / "lock"
         if stale.exists():
             stale.unlink()
@@ -103,6 +159,11 @@ def _build_lock(build: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _say_and_wait(handle: object, build: Path) -> None:
+    print(f"charrnn: waiting for another process that is compiling the sampling kernel in {build}", file=sys.stderr, flush=True)
+    fcntl.flock(handle, fcntl.LOCK_EX)
 
 
 def has_tiles(kernel: ModuleType | None) -> bool:
@@ -148,11 +209,11 @@ class NativeStepper:
         cfg = model.config
         self.kernel, self.cell = kernel, cfg.cell
         self.dtype = {"float32": torch.float32, "int8": torch.int8, "bfloat16": torch.bfloat16}[weights]
-        w, cell = Weights(model), CELLS[cfg.cell]
+        w, cell = Weights(model), CELL_TABLE[cfg.cell].kernel_id
         if weights == "bfloat16":
             self.packed = kernel.TilePacked(cell, w.table0, w.w_x, w.b_x, w.w_h, w.b_h, w.w_o, w.b_o)
             return
-        G, empty = GATES[cfg.cell], torch.empty(0)
+        G, empty = CELL_TABLE[cfg.cell].gates, torch.empty(0)
 
         def rows(m: torch.Tensor, gates: int) -> tuple[torch.Tensor, torch.Tensor]:
             """Rows in unit-major order (for ``gates`` rows per unit); int8 with scales, or float32 and no scales."""
@@ -175,10 +236,17 @@ class NativeStepper:
         return logits, _join(h, c, self.cell)
 
     def sample(
-        self, logits: torch.Tensor, hidden: Hidden, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float, every_state: bool = True
+        self,
+        logits: torch.Tensor,
+        hidden: Hidden,
+        uniforms: torch.Tensor,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        every_state: bool = True,
     ) -> tuple[torch.Tensor, StateAfter]:
         """K characters per stream from the state before them, each drawn with its uniform
-        (``uniforms``, (K, B)) as ``charrnn.sampling.pick_next`` draws it; the loop runs in the kernel.
+        (``uniforms``, (K, B)) as ``charrnn.generation.processors.pick_next`` draws it; the loop runs in the kernel.
 
         Returns the tokens (K, B) and ``state(j)``: the logits and hidden state right after
         token j; without ``every_state``, only after the last one (j = K - 1).
@@ -196,7 +264,6 @@ class NativeStepper:
             return logits_seq[i], ((h_seq[i], c_seq[i]) if self.cell == "lstm" else h_seq[i])
 
         return tokens, state
-
 
 
 class _Product:
@@ -234,6 +301,7 @@ class BatchedStepper:
 
     def __init__(self, model: CharRNN, dtype: torch.dtype, kernel: ModuleType, batch: int):
         self.kernel, self.cell, self.dtype = kernel, model.config.cell, dtype
+        self.batch = batch  # the stream count its bfloat16 weights are packed for
         w = Weights(model)
         self.table0 = w.table0
         self.x_products = [None] + [_Product(m, b, dtype, batch) for m, b in zip(w.w_x[1:], w.b_x[1:])]
@@ -252,12 +320,19 @@ class BatchedStepper:
                 gx, rows = self.table0, tokens.contiguous()
             else:
                 gx, rows = x_product(x if x.numel() else h_out[layer - 1]), self.no_tokens
-            self.kernel.cell(CELLS[self.cell], gx, h_product(h[layer]), h, c, layer, h_out, c_out, rows, x)
+            self.kernel.cell(CELL_TABLE[self.cell].kernel_id, gx, h_product(h[layer]), h, c, layer, h_out, c_out, rows, x)
         x = x if x.numel() else h_out[-1]
         return self.head(x).float(), _join(h_out, c_out, self.cell)
 
     def sample(
-        self, logits: torch.Tensor, hidden: Hidden, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float, every_state: bool = True
+        self,
+        logits: torch.Tensor,
+        hidden: Hidden,
+        uniforms: torch.Tensor,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        every_state: bool = True,
     ) -> tuple[torch.Tensor, StateAfter]:
         """As :meth:`NativeStepper.sample`; the loop runs here, each pick in the kernel."""
 

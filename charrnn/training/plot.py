@@ -14,17 +14,15 @@ and needs no display.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CharRNNError, MetricsError
+from .._io import atomic_write
+from ..errors import MetricsError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
@@ -62,8 +60,7 @@ def read_metrics(run_dir: str | Path) -> Metrics:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
         raise MetricsError(
-            f"{run_dir} holds no {METRICS_FILE}: it is not a training run's folder, or the run stopped before its "
-            "first step"
+            f"{run_dir} holds no {METRICS_FILE}: it is not a training run's folder, or the run stopped before its first step"
         ) from None
     except OSError as exc:
         raise MetricsError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -144,11 +141,15 @@ def make_figure(metrics: Metrics, title: str = ""):
     ):
         if metrics.loss:
             ax.plot(x, metrics.loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss")
-            ax.plot(x, smooth, color="tab:blue", linewidth=1.6,
-                    label=f"train loss, mean of {window} steps" if window > 1 else "_nolegend_")
+            ax.plot(
+                x,
+                smooth,
+                color="tab:blue",
+                linewidth=1.6,
+                label=f"train loss, mean of {window} steps" if window > 1 else "_nolegend_",
+            )
         if metrics.val_loss:
-            ax.plot(val_x, metrics.val_loss, color="tab:orange", marker="o", markersize=4, linewidth=1.6,
-                    label="validation loss")
+            ax.plot(val_x, metrics.val_loss, color="tab:orange", marker="o", markersize=4, linewidth=1.6, label="validation loss")
         ax.set_xlabel(label)
         # Log scale: the first steps (about ln V nats) do not squash the part that matters.
         ax.set_yscale("log")
@@ -188,50 +189,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     metrics = read_metrics(run_dir)
     out = Path(out).expanduser() if out is not None else run_dir / PLOT_FILE
     fig = make_figure(metrics, title=run_dir.resolve().name)
-    # Written beside the target and renamed: a reader never sees half a PNG.
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
+        with atomic_write(out) as f:  # a reader never sees half a PNG
+            fig.savefig(f, format="png")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise MetricsError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out
-
-
-# --- command line ----------------------------------------------------------------------------
-
-
-def plot_parser() -> argparse.ArgumentParser:
-    from .cli import HelpFormatter
-
-    parser = argparse.ArgumentParser(
-        prog="charrnn-plot",
-        description=f"Draw a training run's loss against steps and against time, as a PNG, from its {METRICS_FILE}.",
-        formatter_class=HelpFormatter,
-        epilog="Example: charrnn-plot checkpoints/RUN   (writes checkpoints/RUN/training.png)",
-    )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help=f"a training run's folder (the one holding {METRICS_FILE})")
-    parser.add_argument("--out", default=None, help=f"PNG file to write (default: RUN_DIR/{PLOT_FILE})")
-    return parser
-
-
-def _plot_main(argv: list[str]) -> int:
-    args = plot_parser().parse_args(argv)
-    out = plot_run(args.run_dir, args.out)
-    if out is None:
-        raise CharRNNError("matplotlib is not installed: pip install 'charrnn[plot]' (or pip install matplotlib)")
-    print(f"wrote {out}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``charrnn-plot`` / ``python -m charrnn.plot``."""
-    from .cli import run_cli
-
-    return run_cli(_plot_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Corpora: find them, check them, split them 90/10, and lay them out as batch streams.
+"""Corpora: find them, check them, read them in chunks.
 
 A corpus spec is one of
 - ``shakespeare``: Tiny Shakespeare, from the ``data/`` cache or downloaded and verified;
@@ -13,21 +13,16 @@ import hashlib
 import itertools
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from .errors import CorpusError
+from .._io import atomic_write, sha256_file
+from ..errors import CorpusError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-TRAIN_FRACTION = 0.9
 
 
 def data_dir() -> Path:
@@ -81,9 +76,7 @@ def corpus_files(spec: str) -> list[Path]:
         return [single]
     folder = Path(spec).expanduser()
     if not folder.is_dir():
-        raise CorpusError(
-            f"corpus {spec!r} not found: give 'shakespeare', a path to a .txt file or folder, or hf:OWNER/NAME"
-        )
+        raise CorpusError(f"corpus {spec!r} not found: give 'shakespeare', a path to a .txt file or folder, or hf:OWNER/NAME")
     files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in path.relative_to(folder).parts):
@@ -118,41 +111,31 @@ def shakespeare_path() -> Path:
 
 def download(url: str, dest: Path, sha256: str) -> None:
     """Fetch ``url`` to ``dest`` atomically, keeping it only if its sha256 matches."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(dest) as out:
             try:
                 with urllib.request.urlopen(url, timeout=30) as response:
                     while chunk := response.read(1 << 20):
                         out.write(chunk)
+                        digest.update(chunk)
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 raise CorpusError(
                     f"could not download Tiny Shakespeare from {url} ({exc}); put the file at {dest} "
                     f"(any copy of input.txt with sha256 {sha256}) and run again"
                 ) from None
-        digest = _sha256(Path(tmp))
-        if digest != sha256:
-            raise CorpusError(
-                f"the file downloaded from {url} has sha256 {digest}, expected {sha256}; "
-                f"it was not kept. Put a correct copy at {dest}"
-            )
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+            if digest.hexdigest() != sha256:  # raised inside: the download is not kept
+                raise CorpusError(
+                    f"the file downloaded from {url} has sha256 {digest.hexdigest()}, expected {sha256}; "
+                    f"it was not kept. Put a correct copy at {dest}"
+                )
+    except OSError as exc:
+        raise CorpusError(f"could not write {dest}: {exc.strerror or exc}; put the file there by hand") from None
 
 
 def _verify_sha256(path: Path, expected: str) -> None:
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != expected:
         raise CorpusError(
             f"{path} has sha256 {digest}, expected {expected}: it is not Tiny Shakespeare. "
@@ -241,79 +224,3 @@ def iter_hf_dataset(name: str, split: str = "train", column: str | None = None) 
             empty = False
     if empty:
         raise CorpusError(f"column {column!r} of dataset {name!r} is empty")
-
-
-# --- splitting and batching -------------------------------------------------------
-
-
-def split_tokens(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """First 90% for training, last 10% for validation (the nanoGPT shakespeare_char split)."""
-    n = int(len(tokens) * TRAIN_FRACTION)
-    return tokens[:n], tokens[n:]
-
-
-@dataclass(frozen=True)
-class StreamPosition:
-    """Where a batch stream stands: which epoch, and which batch within it."""
-
-    epoch: int = 0
-    index: int = 0
-
-
-class BatchStreams:
-    """The corpus laid out as ``batch_size`` parallel streams, read ``seq_len`` at a time.
-
-    Row b of an epoch is one contiguous slice of the corpus, so batch i+1 continues
-    each row exactly where batch i stopped and the hidden state can carry across::
-
-        corpus: a b c d e f g h i j k l m n o p q r s t u v w x
-        rows (batch_size=3, seq_len=2, offset 0):
-            row 0: a b | c d | e f | g    <- batch 0 = columns 0-1, batch 1 = 2-3, ...
-            row 1: h i | j k | l m | n
-            row 2: o p | q r | s t | u
-        targets are the same slices shifted one character right.
-
-    Each epoch starts at a different offset in [0, seq_len) drawn from the seed, so the
-    truncation points move between epochs; the hidden state restarts at each epoch.
-    ``rows`` selects a contiguous block of rows (one rank's share under DDP).
-    """
-
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rows: slice | None = None):
-        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
-        self.rows = rows or slice(0, batch_size)
-        needed = batch_size * seq_len + seq_len
-        if len(tokens) < needed:
-            raise CorpusError(
-                f"the training split has {len(tokens):,} characters, but batch size {batch_size} x sequence "
-                f"length {seq_len} needs at least {needed:,}: use a bigger corpus or smaller "
-                f"--batch-size / --seq-len"
-            )
-
-    def _offset(self, epoch: int) -> int:
-        if epoch == 0:
-            return 0
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return int(torch.randint(self.seq_len, (1,), generator=g))
-
-    def _row_length(self, epoch: int) -> int:
-        return (len(self.tokens) - 1 - self._offset(epoch)) // self.batch_size
-
-    def batches_in_epoch(self, epoch: int) -> int:
-        return self._row_length(epoch) // self.seq_len
-
-    def get(self, pos: StreamPosition) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets of the batch at ``pos``, each (rows, seq_len) int64."""
-        off, length, t = self._offset(pos.epoch), self._row_length(pos.epoch), self.seq_len
-        span = self.batch_size * length
-        inputs = self.tokens[off : off + span].reshape(self.batch_size, length)
-        targets = self.tokens[off + 1 : off + 1 + span].reshape(self.batch_size, length)
-        cols = slice(pos.index * t, (pos.index + 1) * t)
-        x = torch.from_numpy(inputs[self.rows, cols].astype(np.int64))
-        y = torch.from_numpy(targets[self.rows, cols].astype(np.int64))
-        return x, y
-
-    def next(self, pos: StreamPosition) -> StreamPosition:
-        """The position after ``pos``; past the last batch, the start of the next epoch."""
-        if pos.index + 1 < self.batches_in_epoch(pos.epoch):
-            return StreamPosition(pos.epoch, pos.index + 1)
-        return StreamPosition(pos.epoch + 1, 0)

@@ -34,13 +34,20 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, TrainConfig
-from .device import autocast
-from .model import CharRNN
+from ..config import ModelConfig, TrainConfig
+from ..device import autocast
+from ..model import CharRNN
 
 # (hidden size, layers), smallest first: the sizes the study measured.
 CANDIDATES: tuple[tuple[int, int], ...] = (
-    (128, 1), (256, 1), (256, 2), (384, 2), (512, 2), (768, 2), (1024, 2), (1024, 3),
+    (128, 1),
+    (256, 1),
+    (256, 2),
+    (384, 2),
+    (512, 2),
+    (768, 2),
+    (1024, 2),
+    (1024, 3),
 )
 CHARS_PER_WEIGHT = 4.0
 MAX_WEIGHTS_PER_CHAR = 4.0
@@ -125,10 +132,7 @@ def choose_size(budget_chars: Callable[[int, int], float], model: ModelConfig, c
     ``budget_chars(hidden, layers)`` is how many characters that size trains on in the
     budget. A size or layer count the user fixed narrows the candidates to those with it.
     """
-    options = [
-        (h, n) for h, n in CANDIDATES
-        if model.hidden_size in (None, h) and model.n_layers in (None, n)
-    ]
+    options = [(h, n) for h, n in CANDIDATES if model.hidden_size in (None, h) and model.n_layers in (None, n)]
     if not options:  # the user fixed one of the two to a value no candidate has
         options = [(model.hidden_size or h, model.n_layers or n) for h, n in CANDIDATES]
         options = sorted(set(options), key=lambda o: step_weights(*o, model.embedding_size, model.vocab_size, model.cell))

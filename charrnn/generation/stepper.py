@@ -9,7 +9,7 @@ is a handful of fused ops:
 - every layer then adds ``h @ W_hh.T`` (one addmm) and applies its gates;
 - layers above 0 add ``x @ W_ih.T`` first; the head is one more addmm.
 
-G is the number of gates: 4 for LSTM (i, f, g, o), 3 for GRU (r, z, n), 1 for RNN.
+G is the number of gates (``charrnn.model.CELL_TABLE``): 4 for LSTM (i, f, g, o), 3 for GRU (r, z, n), 1 for RNN.
 The step is functional (it returns new state tensors), so callers may keep earlier
 states to rewind to, and threads may share one Stepper.
 """
@@ -17,13 +17,35 @@ states to rewind to, and threads may share one Stepper.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from .model import CharRNN, Hidden
+from ..config import SampleConfig
+from ..errors import ConfigError
+from ..model import CharRNN, Hidden
+from .processors import pick_next
 
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 StateAfter = Callable[[int], tuple[torch.Tensor, Hidden]]  # j -> logits and hidden right after token j
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where a text stands for the model: the logits of the next character, (B, V) float32,
+    and the hidden state after the text, for B streams (B = 1 but in ``generate_many``)."""
+
+    logits: torch.Tensor
+    hidden: Hidden
+
+    def expand(self, streams: int) -> "Context":
+        """The same context for ``streams`` streams side by side (views, no copies)."""
+        hidden = self.hidden
+        if isinstance(hidden, tuple):
+            hidden = tuple(h.expand(-1, streams, -1) for h in hidden)
+        else:
+            hidden = hidden.expand(-1, streams, -1)
+        return Context(self.logits.expand(streams, -1), hidden)
 
 
 def run_steps(
@@ -147,3 +169,69 @@ class Stepper:
         logits = self._mm(x, self.w_head, self.b_head)
         h_out = torch.stack(new_h)
         return logits, ((h_out, torch.stack(new_c)) if lstm else h_out)
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        hidden: Hidden,
+        uniforms: torch.Tensor,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        every_state: bool = True,
+    ) -> tuple[torch.Tensor, StateAfter]:
+        """K characters per stream, as the kernel steppers' ``sample``: each picked by
+        :func:`~charrnn.generation.processors.pick_next` with its uniform, then a step."""
+        config = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+
+        def pick(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            return pick_next(logits, config, u)
+
+        return run_steps(self.step, pick, logits, hidden, uniforms, every_state)
+
+
+# --- which stepper ----------------------------------------------------------------------------
+
+BATCH_STREAMS = 8  # from this many streams on, products run as batched matrix products
+
+
+class StepperChoice(NamedTuple):
+    """How a sampling step runs: ``kind`` is one of
+
+    - ``fused``: the kernel's whole loop over float32 or int8 rows (one or a few streams);
+    - ``tiles``: the kernel's loop over AMX bfloat16 tiles (batches, where the CPU has AMX);
+    - ``batched``: oneDNN products with the kernel's cells and picks (batches, no AMX);
+    - ``torch``: plain torch ops (GPUs, and CPUs without the kernel).
+    """
+
+    kind: str
+    dtype: torch.dtype
+
+
+def choose_stepper(
+    device: str, dtype: torch.dtype | None, streams: int, kernel: bool, tiles: bool, fast_bf16: bool
+) -> StepperChoice:
+    """The stepper for ``streams`` streams on ``device`` (its type: cpu, cuda, mps), from the
+    facts of the machine; a pure function, so every rule is testable without the machine.
+
+    ``dtype`` None (auto): on a CPU with the kernel, fewer than 8 streams use int8 rows
+    (reading the weights is the bottleneck, and int8 rows stay in cache); 8 or more use
+    bfloat16 products where the hardware runs them natively (``fast_bf16``), else float32.
+    ``kernel``: charrnn's CPU kernel is loaded; ``tiles``: it has usable AMX tiles.
+    """
+    batch = streams >= BATCH_STREAMS
+    if dtype is None:
+        if kernel and not batch:
+            dtype = torch.int8
+        else:
+            dtype = torch.bfloat16 if batch and fast_bf16 else torch.float32
+    if dtype == torch.int8 and not kernel:
+        where = "on this machine" if device == "cpu" else f"on {device}"
+        raise ConfigError(f"int8 sampling runs on charrnn's CPU kernel, which is not available {where}: use float32 or bfloat16")
+    if not kernel:
+        return StepperChoice("torch", dtype)
+    if dtype == torch.int8 or (dtype == torch.float32 and not batch):
+        return StepperChoice("fused", dtype)
+    if dtype == torch.bfloat16 and tiles:
+        return StepperChoice("tiles", dtype)
+    return StepperChoice("batched", dtype)

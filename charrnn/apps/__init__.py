@@ -1,0 +1,2 @@
+"""Applications on the generation core: the HTTP server (``server``) and the hidden-state page
+(``hidden_states``)."""

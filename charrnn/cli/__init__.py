@@ -1,0 +1,5 @@
+"""The command line: one module per ``charrnn`` subcommand (``train``, ``sample``, ``chat``, ``serve``,
+``inspect``, ``plot``), the shared toolkit (``options``) and the dispatcher (``main``).
+
+Nothing in charrnn imports this package: it only parses flags and calls the library.
+"""

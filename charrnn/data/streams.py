@@ -1,0 +1,85 @@
+"""Batch streams: the training split laid out as parallel rows that carry hidden state across batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import CorpusError
+
+TRAIN_FRACTION = 0.9
+
+
+def split_tokens(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First 90% for training, last 10% for validation (the nanoGPT shakespeare_char split)."""
+    n = int(len(tokens) * TRAIN_FRACTION)
+    return tokens[:n], tokens[n:]
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a batch stream stands: which epoch, and which batch within it."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+class BatchStreams:
+    """The corpus laid out as ``batch_size`` parallel streams, read ``seq_len`` at a time.
+
+    Row b of an epoch is one contiguous slice of the corpus, so batch i+1 continues
+    each row exactly where batch i stopped and the hidden state can carry across::
+
+        corpus: a b c d e f g h i j k l m n o p q r s t u v w x
+        rows (batch_size=3, seq_len=2, offset 0):
+            row 0: a b | c d | e f | g    <- batch 0 = columns 0-1, batch 1 = 2-3, ...
+            row 1: h i | j k | l m | n
+            row 2: o p | q r | s t | u
+        targets are the same slices shifted one character right.
+
+    Each epoch starts at a different offset in [0, seq_len) drawn from the seed, so the
+    truncation points move between epochs; the hidden state restarts at each epoch.
+    ``rows`` selects a contiguous block of rows (one rank's share under DDP).
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rows: slice | None = None):
+        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
+        self.rows = rows or slice(0, batch_size)
+        needed = batch_size * seq_len + seq_len
+        if len(tokens) < needed:
+            raise CorpusError(
+                f"the training split has {len(tokens):,} characters, but batch size {batch_size} x sequence "
+                f"length {seq_len} needs at least {needed:,}: use a bigger corpus or smaller "
+                f"--batch-size / --seq-len"
+            )
+
+    def _offset(self, epoch: int) -> int:
+        if epoch == 0:
+            return 0
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return int(torch.randint(self.seq_len, (1,), generator=g))
+
+    def _row_length(self, epoch: int) -> int:
+        return (len(self.tokens) - 1 - self._offset(epoch)) // self.batch_size
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        return self._row_length(epoch) // self.seq_len
+
+    def get(self, pos: StreamPosition) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of the batch at ``pos``, each (rows, seq_len) int64."""
+        off, length, t = self._offset(pos.epoch), self._row_length(pos.epoch), self.seq_len
+        span = self.batch_size * length
+        inputs = self.tokens[off : off + span].reshape(self.batch_size, length)
+        targets = self.tokens[off + 1 : off + 1 + span].reshape(self.batch_size, length)
+        cols = slice(pos.index * t, (pos.index + 1) * t)
+        x = torch.from_numpy(inputs[self.rows, cols].astype(np.int64))
+        y = torch.from_numpy(targets[self.rows, cols].astype(np.int64))
+        return x, y
+
+    def next(self, pos: StreamPosition) -> StreamPosition:
+        """The position after ``pos``; past the last batch, the start of the next epoch."""
+        if pos.index + 1 < self.batches_in_epoch(pos.epoch):
+            return StreamPosition(pos.epoch, pos.index + 1)
+        return StreamPosition(pos.epoch + 1, 0)

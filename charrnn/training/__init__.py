@@ -1,0 +1,1 @@
+"""Training: the trainer (truncated BPTT, schedule, resume, signals), evaluation, distributed runs, callbacks."""

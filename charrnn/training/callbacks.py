@@ -1,0 +1,219 @@
+"""What a training run reports, and where: the trainer calls these hooks and knows nothing else.
+
+As in minGPT's trainer, the loop only trains, evaluates and saves; everything that
+writes to the terminal or to extra files hangs on a :class:`Callback`:
+
+- :class:`MetricsLog` appends ``RUN/metrics.jsonl`` (one line per step and per evaluation);
+- :class:`ProgressBar` draws the tqdm bar;
+- :class:`ConsoleReport` prints the run's first line, each evaluation, notes, and the end;
+- :class:`PreviewText` prints a sample after each evaluation, from a function it is given
+  (the command line passes one from ``charrnn.generation``, which training does not import);
+- :class:`PlotAtEnd` draws ``RUN/training.png`` when the run ends.
+
+:func:`default_callbacks` is the set a run gets unless it is given its own.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm import tqdm
+
+from ..config import TrainConfig
+from ..errors import TrainingError
+from ..evaluation import LN2
+from ..model import CharRNN
+from ..tokenizer import CharTokenizer
+from .plot import METRICS_FILE, plot_run
+
+if TYPE_CHECKING:
+    from .trainer import Trainer, TrainResult
+
+# model, tokenizer, device, length, seed -> text: how PreviewText gets its sample.
+PreviewFunction = Callable[[CharRNN, CharTokenizer, torch.device, int, int], str]
+
+
+class Callback:
+    """The trainer's hooks; each does nothing unless a subclass overrides it.
+
+    Only the main process (rank 0 under torchrun) calls them.
+    """
+
+    def on_start(self, trainer: Trainer) -> None:
+        """Before the first step (after a resume's state is restored)."""
+
+    def on_step(self, trainer: Trainer, loss: float) -> None:
+        """After each optimisation step; ``loss`` in nats per character."""
+
+    def on_evaluation(self, trainer: Trainer, val_loss: float, improved: bool) -> None:
+        """After an evaluation, before its checkpoints are written."""
+
+    def on_checkpoint(self, trainer: Trainer, val_loss: float, improved: bool) -> None:
+        """After an evaluation's checkpoints (``last``, and ``best`` when ``improved``) are written."""
+
+    def on_message(self, trainer: Trainer | None, text: str) -> None:
+        """A warning or a note for the user (``text`` starts with ``warning:`` or ``note:``)."""
+
+    def on_end(self, trainer: Trainer, result: TrainResult) -> None:
+        """After the last save; ``result`` says where the checkpoints are and why the run ended."""
+
+    def on_close(self, trainer: Trainer) -> None:
+        """When the run is over, however it ended (also by an exception)."""
+
+
+class MetricsLog(Callback):
+    """``RUN/metrics.jsonl``: ``{"step", "loss", "lr", "elapsed"}`` per step and
+    ``{"step", "val_loss", "val_bpc", "elapsed"}`` per evaluation."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.path = trainer.run_dir / METRICS_FILE
+        self._trim(trainer.step)
+
+    def _trim(self, step: int) -> None:
+        """On resume, drop metrics the interrupted run logged after its checkpoint.
+
+        A process killed mid-write can leave a cut-off last line; it is dropped too.
+        """
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def _log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise TrainingError(
+                f"could not write {self.path}: {exc.strerror or exc}; free some disk space, then resume "
+                f"from {trainer.run_dir / 'last'}"
+            ) from None
+
+    def on_step(self, trainer: Trainer, loss: float) -> None:
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        self._log(trainer, {"step": trainer.step, "loss": loss, "lr": lr, "elapsed": round(trainer.elapsed, 3)})
+
+    def on_evaluation(self, trainer: Trainer, val_loss: float, improved: bool) -> None:
+        record = {"step": trainer.step, "val_loss": val_loss, "val_bpc": val_loss / LN2, "elapsed": round(trainer.elapsed, 3)}
+        self._log(trainer, record)
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over the budget, with the step, the loss, the best validation loss and the speed."""
+
+    EVERY = 10  # steps between updates
+
+    bar: tqdm | None = None
+
+    def on_step(self, trainer: Trainer, loss: float) -> None:
+        if self.bar is None:  # made at the first step, so that the run's first line comes before it
+            self.bar = tqdm(
+                total=1000,
+                disable=None,
+                dynamic_ncols=True,
+                leave=False,
+                bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}",
+            )
+            self.window_start, self.window_steps = time.perf_counter(), 0
+        self.window_steps += 1
+        if trainer.step % self.EVERY:
+            return
+        now = time.perf_counter()
+        speed = self.window_steps * trainer.chars_per_step / (now - self.window_start)
+        self.window_start, self.window_steps = now, 0
+        self.bar.n = int(1000 * min(1.0, trainer.progress()))
+        self.bar.set_postfix_str(f" step {trainer.step} loss {loss:.3f} best val {trainer.best_val:.3f} {speed:,.0f} chars/s")
+
+    def on_end(self, trainer: Trainer, result: TrainResult) -> None:
+        self.on_close(trainer)  # before the last lines are printed
+
+    def on_close(self, trainer: Trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class ConsoleReport(Callback):
+    """The run's first line and last lines (stderr), one line per evaluation (stdout), notes (stderr)."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        print(f"charrnn: {trainer.plan.reason}", file=sys.stderr)
+        print(trainer.describe(), file=sys.stderr)
+
+    def on_checkpoint(self, trainer: Trainer, val_loss: float, improved: bool) -> None:
+        tqdm.write(
+            f"step {trainer.step:>6} | val {val_loss:.4f} nats/char ({val_loss / LN2:.3f} bpc)"
+            f"{' (best)' if improved else ''} | {trainer.elapsed:.0f} s"
+        )
+
+    def on_message(self, trainer: Trainer | None, text: str) -> None:
+        print(text, file=sys.stderr)
+
+    def on_end(self, trainer: Trainer, result: TrainResult) -> None:
+        print(
+            f"charrnn: {result.stop_reason} at step {result.step}; best val {result.best_val_loss:.4f} nats/char "
+            f"({result.best_val_loss / LN2:.3f} bpc)\n"
+            f"  checkpoints: {result.best} (best), {result.last} (last, resumable)"
+            + (f"\n  plot:    {result.plot}" if result.plot else ""),
+            file=sys.stderr,
+        )
+
+
+class PreviewText(Callback):
+    """After each evaluation, ``config.sample_chars`` characters sampled from the model, indented."""
+
+    def __init__(self, preview: PreviewFunction):
+        self.preview = preview
+
+    def on_checkpoint(self, trainer: Trainer, val_loss: float, improved: bool) -> None:
+        length = trainer.config.sample_chars
+        if not length:
+            return
+        text = self.preview(trainer.model, trainer.tokenizer, trainer.device, length, trainer.config.seed)
+        trainer.model.train()  # sampling put it in eval mode
+        tqdm.write("    " + text.replace("\n", "\n    "))
+
+
+class PlotAtEnd(Callback):
+    """``RUN/training.png`` from the metrics, when matplotlib is installed; never fails a finished run."""
+
+    def on_end(self, trainer: Trainer, result: TrainResult) -> None:
+        try:
+            result.plot = plot_run(result.run_dir)
+        except Exception as exc:  # a picture is a bonus: report, do not fail the run
+            trainer.message(f"note: no training plot ({exc})")
+
+
+def default_callbacks(config: TrainConfig, preview: PreviewFunction | None = None) -> list[Callback]:
+    """What a run reports unless told otherwise: metrics, the bar (``config.progress``), the
+    console, a preview sample (when ``preview`` is given), the plot (``config.plot``).
+
+    Order matters at the end: the plot is drawn before the console names it.
+    """
+    callbacks: list[Callback] = [MetricsLog()]
+    if config.progress:
+        callbacks.append(ProgressBar())  # first to end, so that the bar is gone before the last lines
+    if config.plot:
+        callbacks.append(PlotAtEnd())
+    callbacks.append(ConsoleReport())
+    if preview is not None:
+        callbacks.append(PreviewText(preview))
+    return callbacks
+
+
+def trigger(callbacks: Sequence[Callback], hook: str, *args: Any) -> None:
+    """Call ``hook`` on every callback, in order."""
+    for callback in callbacks:
+        getattr(callback, hook)(*args)
