@@ -29,7 +29,7 @@ from ..checkpoint import find_latest_checkpoint, load_checkpoint
 from ..config import SampleConfig
 from ..device import cpu_has_fast_bf16, resolve_device
 from ..errors import ConfigError, PromptError
-from ..evaluation import evaluate
+from ..evaluation import DYNAMIC_LR, dynamic_evaluate, evaluate
 from ..model import CharRNN, Hidden
 from ..tokenizer import CharTokenizer
 from .chat import ChatSession
@@ -338,7 +338,9 @@ class Sampler:
         values, ids = torch.topk(probs, min(max(k, 1), probs.numel()))
         return [(self.tokenizer.decode((i,)), float(p)) for i, p in zip(ids.tolist(), values.tolist())]
 
-    def score(self, text: str, stepped: bool = False, streams: int = 16) -> float:
+    def score(
+        self, text: str, stepped: bool = False, streams: int = 16, dynamic: bool = False, dynamic_lr: float = DYNAMIC_LR
+    ) -> float:
         """Mean nats per character of predicting each character of ``text`` from those before it.
 
         By default the model reads the text in float32, as training measures it. With
@@ -347,10 +349,16 @@ class Sampler:
         not scored), through the step that sampling ``streams`` streams at once uses: the
         cost of a precision in nats is the difference of the two. With ``dtype`` auto,
         that step is the batch one; give ``dtype`` to measure a particular precision.
+
+        With ``dynamic``, a copy of the weights keeps learning from the text as it reads it
+        (dynamic evaluation, see :func:`~charrnn.evaluation.dynamic_evaluate`; SGD at
+        ``dynamic_lr``): a different figure, reported apart from the static one.
         """
         ids = self.encode_prompt(text, allow_empty=False).cpu().numpy()
         if len(ids) < 2:
             raise PromptError("score needs at least two characters: the first one has nothing to be predicted from")
+        if dynamic:
+            return dynamic_evaluate(self.model, ids, self.device, lr=dynamic_lr)
         if not stepped:
             return evaluate(self.model, ids, self.device, columns=1)
         streams = max(1, min(streams, (len(ids) - 1) // 2))
