@@ -95,3 +95,11 @@ def test_the_trainer_runs_what_the_plan_chose(tmp_path):
 def test_a_given_min_lr_above_the_chosen_lr_is_refused():
     with pytest.raises(ConfigError, match="--min-lr must be in"):
         plan_run(step_budget(100, min_lr=1.0), ModelConfig(vocab_size=65), 1_000_000, CPU, torch.float32)
+
+
+def test_a_time_budget_with_everything_given_neither_probes_nor_guesses_steps():
+    model = ModelConfig(vocab_size=65, hidden_size=64, n_layers=1, dropout=0.0)
+    config = TrainConfig(data="x", max_time=60.0, batch_size=8, seq_len=16, lr=1e-3, min_lr=1e-4, warmup_iters=5, eval_interval=7)
+    plan = plan_run(config, model, 1_000_000, CPU, torch.float32)
+    assert plan.probe_seconds == 0 and plan.config == config and plan.model == model
+    assert "given for 60 s on a 1.0M-char corpus: steps of 8x16, lr 0.001" in plan.reason

@@ -165,6 +165,7 @@ def plan_run(
     batch = config.batch_size or BATCH_SIZE
     seq = config.seq_len or SEQ_LEN
     chars_per_step = batch * seq
+    step_chars = config.max_iters * chars_per_step if config.max_iters else math.inf  # what --max-iters allows
     sizes_auto = model.hidden_size is None or model.n_layers is None
     probe_seconds, speed = 0.0, None
     start = time.perf_counter()
@@ -180,11 +181,11 @@ def plan_run(
 
         def budget_chars(h: int, n: int) -> float:
             chars = flop_rate * remaining / flops_per_char(replace(probe_model, hidden_size=h, n_layers=n))
-            return min(chars, config.max_iters * chars_per_step) if config.max_iters else chars
+            return min(chars, step_chars)
     else:  # a step budget (or nothing left to choose): no probe
 
         def budget_chars(h: int, n: int) -> float:
-            return float(config.max_iters * chars_per_step) if config.max_iters else math.inf
+            return step_chars
 
     hidden, layers = choose_size(budget_chars, model, corpus_chars) if sizes_auto else (model.hidden_size, model.n_layers)
     if probe:
@@ -192,15 +193,13 @@ def plan_run(
         same = (hidden, layers) == (probe_model.hidden_size, probe_model.n_layers)
         speed = flop_rate / flops_per_char(chosen) if same else share(measure_speed(chosen, batch, seq, device, dtype))
         probe_seconds = time.perf_counter() - start
-        chars = speed * max(config.max_time - probe_seconds, 0.0)
-        if config.max_iters:
-            chars = min(chars, config.max_iters * chars_per_step)
+        chars = min(speed * max(config.max_time - probe_seconds, 0.0), step_chars)
     else:
-        chars = budget_chars(hidden, layers)
-    if math.isinf(chars):  # all given, time budget, no probe: nothing below depends on the step count
-        chars = 0.0
-    steps = max(1, int(chars // chars_per_step))
-    epochs = chars / max(corpus_chars, 1)
+        chars = step_chars
+    # Unknown only when everything is given and the budget is time: then nothing below needs it.
+    known = math.isfinite(chars)
+    steps = max(1, int(chars // chars_per_step)) if known else 0
+    epochs = chars / max(corpus_chars, 1) if known else 0.0
 
     model = replace(
         model, hidden_size=hidden, n_layers=layers, dropout=dropout_for(epochs) if model.dropout is None else model.dropout
@@ -213,13 +212,14 @@ def plan_run(
         lr=lr,
         min_lr=config.min_lr if config.min_lr is not None else round(lr * MIN_LR_FRACTION, 6),
         warmup_iters=config.warmup_iters if config.warmup_iters is not None else max(1, round(WARMUP_FRACTION * steps)),
-        eval_interval=config.eval_interval or (max(1, math.ceil(steps / EVALUATIONS)) if chars else FALLBACK_EVAL_INTERVAL),
+        eval_interval=config.eval_interval or (max(1, math.ceil(steps / EVALUATIONS)) if known else FALLBACK_EVAL_INTERVAL),
     )
     budget = f"{config.max_time:g} s" if config.max_time else f"{config.max_iters:,} steps"
     speed_note = f" at {_rate(speed)}" if speed else ""
     what = "chosen" if sizes_auto else "given"
+    plan = f"about {steps:,} steps of {batch}x{seq} ({epochs:.1f} epochs)" if known else f"steps of {batch}x{seq}"
     reason = (
         f"{model.cell} {layers}x{hidden} {what} for {budget}{speed_note} on a {corpus_chars / 1e6:.1f}M-char corpus: "
-        f"about {steps:,} steps of {batch}x{seq} ({epochs:.1f} epochs), lr {lr:g}, dropout {model.dropout:g}"
+        f"{plan}, lr {lr:g}, dropout {model.dropout:g}"
     )
     return Plan(config, model, probe_seconds, speed, reason)
