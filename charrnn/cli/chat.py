@@ -163,6 +163,7 @@ def run(argv: list[str], prog: str = "charrnn-chat") -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        seed=args.seed,
         stop=tuple(unescape(s) for s in args.stop) or None,
     )
     options = {k: v for k, v in vars(config).items() if k != "seed" and (k != "stop" or args.stop)}
