@@ -91,9 +91,7 @@ def save_checkpoint(
     bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"refusing to save non-finite weights ({', '.join(bad[:3])}): the model diverged")
-    if path.is_symlink() or (path.exists() and not (path / CONFIG_FILE).is_file()):
-        # Only a checkpoint of ours is ever replaced: not a file, a link, or someone's folder that happens to be here.
-        raise CheckpointError(f"{path} exists and is not a charrnn checkpoint: it is left as it is; choose another --out")
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     old = path.parent / f".{path.name}.old"
@@ -139,6 +137,16 @@ def save_checkpoint(
             ) from None
         raise
     return path
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse to save over ``path`` unless it is absent or a checkpoint (``CheckpointError``).
+
+    Only a checkpoint of ours is ever replaced: not a file, a link, or someone's folder
+    that happens to be called ``best``.
+    """
+    if path.is_symlink() or (path.exists() and not (path / CONFIG_FILE).is_file()):
+        raise CheckpointError(f"{path} exists and is not a charrnn checkpoint: it is left as it is; choose another --out")
 
 
 def _describe_os_error(exc: OSError) -> str:

@@ -77,6 +77,8 @@ class Terminal:
         except EOFError:
             print(flush=True)
             return None
+        except UnicodeDecodeError:  # the rest of the stream cannot be trusted to line up: end, as a file would
+            raise ConfigError("cannot read standard input: it is not UTF-8 text") from None
         if self.echo:
             print(line, flush=True)
         return line

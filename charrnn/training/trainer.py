@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .._io import FolderBusyError, folder_lock
-from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import Checkpoint, check_replaceable, load_checkpoint, save_checkpoint
 from ..config import ModelConfig, TrainConfig
 from ..data.corpus import corpus_name
 from ..data.streams import BatchStreams, StreamPosition, split_tokens
@@ -560,6 +560,8 @@ class Trainer:
                         f"cannot write to the run directory {self.run_dir}: {exc.strerror or exc}; make it writable "
                         "or choose another --out"
                     ) from None
+                for name in ("best", "last"):  # refused now, not after the training it would cost
+                    check_replaceable(self.run_dir / name)
             yield
 
     def _loop(self, stop_signal: StopSignal) -> TrainResult:
