@@ -28,7 +28,6 @@ import os
 import re
 import stat
 from collections.abc import Iterator
-from itertools import accumulate
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -61,69 +60,61 @@ def _too_large(limit: int) -> OSError:
     return OSError(errno.EFBIG, f"it is larger than {limit:,} bytes, the most charrnn reads from such a file")
 
 
-def open_regular(path: str | Path) -> BinaryIO:
-    """Open ``path`` for reading in binary, refusing anything but a regular file.
-
-    Opened with ``O_NONBLOCK``, so a FIFO without a writer does not wait; its type is then
-    checked on the open descriptor (no race with a rename). Raises ``OSError`` (its
-    ``strerror`` says why in words); a missing file is ``FileNotFoundError`` as usual.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    fd = os.open(Path(path).expanduser(), flags)
+def _open_checked(path: str | Path, flags: int, doing: str, mode: str, **text: Any) -> IO:
+    """``os.open`` with ``O_NONBLOCK`` (a FIFO without a peer cannot make us wait), then refuse
+    anything but a regular file, checked on the open descriptor (no race with a rename)."""
+    fd = os.open(Path(path).expanduser(), flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise _not_regular(mode, "charrnn reads")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        kind = os.fstat(fd).st_mode
+        if not stat.S_ISREG(kind):
+            raise _not_regular(kind, doing)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode, **text)
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open the regular file ``path`` to read bytes; ``OSError`` (its ``strerror`` in words) for anything else.
+
+    A missing file is ``FileNotFoundError`` as usual.
+    """
+    return _open_checked(path, os.O_RDONLY | getattr(os, "O_BINARY", 0), "charrnn reads", "rb")
 
 
 def open_append(path: str | Path) -> IO[str]:
-    """Open the regular file ``path`` (created if absent) to append UTF-8 lines; ``OSError`` for anything else.
-
-    ``O_NONBLOCK`` here too: opening a FIFO to write would otherwise wait for a reader.
-    """
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(Path(path).expanduser(), flags, 0o644)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise _not_regular(mode, "charrnn appends to")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "a", encoding="utf-8")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def read_limited(f: IO, limit: int) -> Any:
-    """Everything ``f`` holds, bytes or characters, refused (``OSError``) beyond ``limit``.
-
-    Read a MB at a time and at most ``limit + 1`` units in all, so a huge or endless input
-    is never read whole (and no buffer of the limit's size is allocated up front).
-    """
-    parts, total = [], 0
-    while total <= limit and (part := f.read(min(_CHUNK, limit + 1 - total))):
-        parts.append(part)
-        total += len(part)
-    if total > limit:
-        raise _too_large(limit)
-    return ("" if isinstance(f, io.TextIOBase) else b"").join(parts)
+    """Open the regular file ``path`` (created if absent) to append UTF-8 lines; ``OSError`` for anything else."""
+    return _open_checked(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "charrnn appends to", "a", encoding="utf-8")
 
 
 def read_bytes(path: str | Path, limit: int) -> bytes:
-    """The bytes of the regular file ``path``, at most ``limit`` of them (``OSError`` otherwise)."""
+    """The bytes of the regular file ``path``, refused (``OSError``) past ``limit``.
+
+    Read a MB at a time and at most ``limit + 1`` bytes in all, so a huge or growing file
+    is never read whole (and no buffer of the limit's size is allocated up front).
+    """
+    parts, total = [], 0
     with open_regular(path) as f:
-        return read_limited(f, limit)
+        while total <= limit and (part := f.read(min(_CHUNK, limit + 1 - total))):
+            parts.append(part)
+            total += len(part)
+    if total > limit:
+        raise _too_large(limit)
+    return b"".join(parts)
 
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_JSON_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_JSON_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _json_depth(text: str) -> int:
+    """How deep brackets nest in JSON ``text`` (those inside strings do not count)."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKETS.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _bounded_number(kind: type) -> Any:
@@ -146,8 +137,7 @@ def parse_json(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
     holds them, and they would pass later range checks as comparisons with NaN do.
     """
     text = data.decode("utf-8") if isinstance(data, bytes) else data
-    brackets = _JSON_STRING.sub("", text).translate({c: None for c in range(128) if c not in _JSON_BRACKET_STEP})
-    depth = max(accumulate(_JSON_BRACKET_STEP.get(ord(c), 0) for c in brackets), default=0)
+    depth = _json_depth(text)
     if depth > max_depth:
         raise ValueError(f"nested {depth} levels deep; at most {max_depth} are read")
     return json.loads(text, parse_int=_bounded_number(int), parse_float=_bounded_number(float), parse_constant=_no_constant)
