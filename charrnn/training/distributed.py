@@ -20,6 +20,7 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -51,9 +52,7 @@ class Distributed:
         max_restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0) or 0) if elastic else 0
         if "RANK" not in env or "WORLD_SIZE" not in env:
             return cls(elastic=elastic, restart=restart, max_restarts=max_restarts)
-        return cls(
-            int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), elastic, restart, max_restarts
-        )
+        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), elastic, restart, max_restarts)
 
     @property
     def enabled(self) -> bool:
@@ -96,12 +95,22 @@ class Distributed:
         except RuntimeError as exc:  # gloo and nccl raise RuntimeError (or its DistBackendError)
             raise peer_lost(what, exc) from None
 
-    def sum(self, values: list[float], device: torch.device) -> list[float]:
-        """Element-wise sum of ``values`` over all processes (float64)."""
+    def sum(self, values: list[float], device: torch.device, timeout: float | None = None) -> list[float]:
+        """Element-wise sum of ``values`` over all processes (float64).
+
+        With ``timeout`` (seconds), a peer that does not take part in time counts as lost,
+        instead of holding this process until the process group's own timeout (30 minutes).
+        """
         if not self.enabled:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=device)
-        self._collective("summing a value over the processes", lambda: dist.all_reduce(t))
+        if timeout is None:
+            self._collective("summing a value over the processes", lambda: dist.all_reduce(t))
+        else:
+            work = dist.all_reduce(t, async_op=True)
+            self._collective(
+                f"agreeing to stop (no answer within {timeout:g} s)", lambda: work.wait(timeout=timedelta(seconds=timeout))
+            )
         return t.tolist()
 
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:

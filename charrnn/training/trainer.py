@@ -43,6 +43,10 @@ from .sizing import plan_run
 # Settings that may change when a run resumes (with a warning for the ones that matter).
 _QUIET_ON_RESUME = {"resume", "out", "device", "progress", "plot", "save_every"}
 _SHAPE_FIELDS = {"cell", "n_layers", "hidden_size", "embedding_size"}
+# After a signal, how long the processes wait for each other to agree to stop and save. torchrun
+# SIGTERMs every worker when one dies, and kills them 30 s later: a dead or hung peer must not
+# hold the survivors in a collective until then (or for the process group's 30 minutes).
+SIGNAL_AGREE_SECONDS = 10.0
 
 
 @dataclass
@@ -568,7 +572,9 @@ class Trainer:
         if self.dist.enabled:
             # Rank 0's clock and verdicts rule, so every process takes the same steps at the same rates.
             ended, signals, elapsed, due = self.dist.sum(
-                [float(reason is not None), float(signalled), self.elapsed if main else 0.0, float(save_due)], self.device
+                [float(reason is not None), float(signalled), self.elapsed if main else 0.0, float(save_due)],
+                self.device,
+                timeout=SIGNAL_AGREE_SECONDS if signalled else None,
             )
             self.elapsed, signalled, save_due = elapsed, signals > 0, due > 0
             reason = reason or ("ended by rank 0" if ended else None)
