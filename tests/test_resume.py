@@ -192,3 +192,40 @@ def test_a_run_that_crashes_between_evaluations_resumes_from_its_save_every_save
     wa, wb = load_file(straight.last / "model.safetensors"), load_file(resumed.last / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert _train_losses(resumed.run_dir) == _train_losses(straight.run_dir)
+
+
+def test_a_restarted_worker_group_resumes_from_its_own_jobs_last_save(tmp_path, corpus_file, monkeypatch, capsys):
+    """One process under torchrun's agent (the environment it sets): attempt 0 crashes after the save
+    at step 5; attempt 1 of the same job resumes from it by itself and ends as an unbroken run. A
+    `last` that another job left in the folder is not resumed from."""
+    config = tiny_train_config(corpus_file, tmp_path / "run", max_iters=10, eval_interval=5, save_every=0)
+    straight = train(tiny_train_config(corpus_file, tmp_path / "straight", max_iters=10, eval_interval=5), tiny_model_config())
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    with pytest.raises(RuntimeError, match="injected"):
+        train(config, tiny_model_config(), callbacks=[MetricsLog(), _CrashAt(7)])
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    messages = []
+
+    class Notes(Callback):
+        def on_message(self, trainer, text: str) -> None:
+            messages.append(text)
+
+    resumed = train(config, tiny_model_config(), callbacks=[MetricsLog(), Notes()])
+    assert resumed.step == 10
+    assert messages == [f"note: torchrun restart 1 of at most 2: resuming from {tmp_path / 'run' / 'last'}, the run's last save"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {"step": 5, "restart": 1, "resumed_from": str(tmp_path / "run" / "last")} in records
+    assert _train_losses(resumed.run_dir) == _train_losses(straight.run_dir)
+    wa, wb = load_file(straight.last / "model.safetensors"), load_file(resumed.last / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")  # another job, restarted, finds job 1's last
+    messages.clear()
+    again = train(config, tiny_model_config(), callbacks=[Notes()])
+    assert messages == [
+        f"note: torchrun restart 1 of at most 2: {tmp_path / 'run' / 'last'} was saved by another job, so training "
+        "starts again from step 0"
+    ]
+    assert again.step == 10

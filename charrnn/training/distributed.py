@@ -42,6 +42,7 @@ class Distributed:
     elastic: bool = False  # started by torchrun's agent, which may restart the worker group
     restart: int = 0  # which attempt of the worker group this is (0: the first)
     max_restarts: int = 0
+    run_id: str | None = None  # torchrun's id of the job (TORCHELASTIC_RUN_ID), the same in every attempt
 
     @classmethod
     def from_env(cls) -> "Distributed":
@@ -50,9 +51,10 @@ class Distributed:
         elastic = "TORCHELASTIC_RUN_ID" in env
         restart = int(env.get("TORCHELASTIC_RESTART_COUNT", 0) or 0) if elastic else 0
         max_restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", 0) or 0) if elastic else 0
+        job = {"elastic": elastic, "restart": restart, "max_restarts": max_restarts, "run_id": env.get("TORCHELASTIC_RUN_ID")}
         if "RANK" not in env or "WORLD_SIZE" not in env:
-            return cls(elastic=elastic, restart=restart, max_restarts=max_restarts)
-        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), elastic, restart, max_restarts)
+            return cls(**job)
+        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), **job)
 
     @property
     def enabled(self) -> bool:

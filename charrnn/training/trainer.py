@@ -10,6 +10,7 @@ improved, ``best`` (what sampling needs).
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -182,11 +183,17 @@ def resume_after_restart(config: TrainConfig, dist: Distributed) -> tuple[TrainC
             f"warning: {attempt}, but no --out names the run, so its saves cannot be found: it starts over "
             "in a new folder; give --out RUN to let a restart continue from RUN/last"
         )
+    start = f"from {config.resume}" if config.resume else "from step 0"
     try:
         last = resolve_checkpoint(run_dir / "last")
-    except CheckpointError:
-        start = f"from {config.resume}" if config.resume else "from step 0"
+        job = json.loads((last / "config.json").read_text(encoding="utf-8")).get("torchrun_job")
+        resumed = resolve_checkpoint(config.resume, ("last",)) if config.resume else None
+    except (CheckpointError, OSError, ValueError, AttributeError):
         return config, f"note: {attempt}: {run_dir} holds no save yet, so training starts again {start}"
+    # A `last` an earlier job left in the folder (this job's first attempt died before its first
+    # save) is not this run's, unless this job started from it.
+    if job != dist.run_id and (resumed is None or last.resolve() != resumed.resolve()):
+        return config, f"note: {attempt}: {last} was saved by another job, so training starts again {start}"
     return replace(config, resume=str(last)), f"note: {attempt}: resuming from {last}, the run's last save"
 
 
@@ -468,6 +475,8 @@ class Trainer:
             "step": self.step,
             "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
             "dtype": str(self.dtype).replace("torch.", ""),
+            # Which torchrun job saved it: a restart resumes only from its own job's saves.
+            **({"torchrun_job": self.dist.run_id} if self.dist.elastic else {}),
         }
 
     def checkpoint(self) -> None:
