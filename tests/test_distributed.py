@@ -259,3 +259,25 @@ def test_two_nodes_of_one_process_train_like_one_node_of_two(ddp_runs, small_cor
     one_node, two_nodes = _losses(root / "two"), _losses(tmp_path / "run")
     assert one_node.keys() == two_nodes.keys() == set(range(1, 21))
     assert max(abs(one_node[s] - two_nodes[s]) for s in one_node) < 1e-6
+
+
+def test_processes_that_find_different_saves_stop_with_a_sentence(ddp_runs, subprocess_env, tmp_path):
+    """What a run folder on one machine's disk only leads to: the processes compare the save they
+    resume from before training, and stop, naming the storage, instead of training on from two places."""
+    root, _ = ddp_runs
+    script = tmp_path / "other_save_on_rank1.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        if os.environ["RANK"] == "1":  # this "machine" sees another copy of the run folder
+            sys.argv[sys.argv.index("--resume") + 1] = {str(root / "one" / "last")!r}
+        from charrnn.cli.train import main
+        raise SystemExit(main())
+    """)
+    )
+    args = ["--resume", root / "two" / "last", "--batch-size", "4", "--max-iters", "40", "--out", tmp_path / "run", "--no-plot"]
+    job = run_python(torchrun(script, *args), subprocess_env, REPO, timeout=180)
+    assert job.returncode != 0
+    assert "error: the processes found different saves to resume from (rank 0: step 20, rank 1: step 30)" in job.stderr
+    assert "Traceback" not in job.stderr.split("error: the processes found")[0]
