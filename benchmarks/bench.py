@@ -4,6 +4,7 @@
     python benchmarks/bench.py --quick    # a smoke run in well under a minute
     python benchmarks/bench.py --quality  # also: train.py's defaults against a plain script, 300 s each
     python benchmarks/bench.py --quality-only --quality-seconds 60 --quality-dtypes float32
+    python benchmarks/bench.py --scale-only   # section 6 alone: 210 MB and 2 GB corpora, a 500 MB hf: folder
 
 The reference is what a typical user writes: an fp32 ``nn.LSTM`` (or GRU / RNN) called
 as is, trained with Adam and clipping, and sampled by calling it once per character.
@@ -294,7 +295,7 @@ def bench_sampling(args) -> dict:
 # --- 4: memory -------------------------------------------------------------------------------------
 
 
-def child_measure(code: str) -> tuple[float, float, float]:
+def child_measure(code: str, preload: str = "") -> tuple[float, float, float]:
     """Run ``code`` in a fresh Python that has imported torch and charrnn: the number it
     prints last, the peak RSS (MB) while it ran above the RSS it started from, and the
     anonymous memory (MB) it added by its end.
@@ -302,9 +303,11 @@ def child_measure(code: str) -> tuple[float, float, float]:
     The peak is reset just before ``code`` (Linux: /proc/self/clear_refs), so memory the
     imports used and freed cannot hide what the work itself needs. Anonymous memory
     leaves out the pages of memory-mapped files (the token cache), which are page cache
-    the kernel can drop at any time."""
+    the kernel can drop at any time. ``preload`` is code run before the peak is reset
+    (imports whose memory is not the work's)."""
     prologue = (
         "import torch, charrnn\n"
+        f"{preload}\n"
         "def rss(field):\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith(field): return int(line.split()[1])\n"
@@ -406,15 +409,48 @@ def bench_quality(seconds: int, dtypes: list[str]) -> dict:
 # --- 6: corpora larger than memory -----------------------------------------------------------
 
 
+def _word_lines(n_lines: int, seed: int = 0) -> list[str]:
+    """About 600 KB lines of random words: written in random order, they make a corpus of any size
+    far faster than drawing every word (the encoder's speed does not depend on the words)."""
+    rng = np.random.default_rng(seed)
+    words = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(1, 10))) for _ in range(5000)])
+    return [" ".join(rng.choice(words, 100_000)) + ".\n" for _ in range(n_lines)]
+
+
+def write_big_corpus(path: Path, megabytes: int) -> None:
+    """A generated text file of ``megabytes`` MiB."""
+    lines, rng = _word_lines(64), np.random.default_rng(1)
+    with open(path, "w", encoding="utf-8") as f:
+        while f.tell() < megabytes << 20:
+            f.write(lines[int(rng.integers(len(lines)))])
+
+
+def write_parquet_dataset(folder: Path, megabytes: int, shard_mb: int = 64) -> int:
+    """A local Hugging Face dataset: parquet shards (snappy, a ``text`` column of ~6 KB rows) that take
+    ``megabytes`` MiB of disk. Returns the characters of text in it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    lines, rng = _word_lines(64, seed=2), np.random.default_rng(3)
+    shard, chars = 0, 0
+    while sum(p.stat().st_size for p in folder.glob("*.parquet")) < megabytes << 20:
+        rows = []
+        while sum(map(len, rows)) < shard_mb << 20:
+            line = lines[int(rng.integers(len(lines)))]
+            rows += [line[i : i + 6000] for i in range(0, len(line), 6000)]
+        chars += sum(map(len, rows))
+        # Row groups of 8 MB or so: what a reader holds at a time (hub datasets use similar sizes).
+        pq.write_table(pa.table({"text": rows}), folder / f"train-{shard:05d}.parquet", row_group_size=1500)
+        shard += 1
+    return chars
+
+
 def bench_large_corpus(megabytes: int, args) -> dict:
-    """Encode a generated corpus into its token cache, then start training on it twice."""
-    with tempfile.TemporaryDirectory() as tmp:
+    """Encode a generated corpus into its token cache, then start training on it (a cache hit)."""
+    with tempfile.TemporaryDirectory(dir=args.scale_dir) as tmp:
         corpus = Path(tmp) / "big.txt"
-        rng = np.random.default_rng(0)
-        words = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(1, 10))) for _ in range(5000)])
-        with open(corpus, "w", encoding="utf-8") as f:
-            while f.tell() < megabytes << 20:
-                f.write(" ".join(rng.choice(words, 100_000)) + ".\n")
+        write_big_corpus(corpus, megabytes)
         size = corpus.stat().st_size
         encode = child_measure(
             "import time; from charrnn.data.token_cache import corpus_tokens\n"
@@ -431,6 +467,55 @@ def bench_large_corpus(megabytes: int, args) -> dict:
         )
         hit = child_measure(first_step)
         return {"mb": size / 1e6, "encode_s": encode[0], "encode_rss": encode[1], "hit_s": hit[0], "train_anon": hit[2]}
+
+
+def bench_hf_folder(megabytes: int, args) -> dict:
+    """Encode a local parquet dataset folder (``hf:FOLDER``) through the same streaming path."""
+    with tempfile.TemporaryDirectory(dir=args.scale_dir) as tmp:
+        folder = Path(tmp) / "dataset"
+        chars = write_parquet_dataset(folder, megabytes, shard_mb=min(64, megabytes))
+        disk = sum(p.stat().st_size for p in folder.glob("*.parquet"))
+        code = (
+            "import os, time; from charrnn.data.token_cache import corpus_tokens\n"
+            f"os.environ['CHARRNN_DATA_DIR'] = {tmp!r}; os.environ['HF_DATASETS_CACHE'] = {tmp + '/hf'!r}\n"
+            f"t = time.perf_counter(); tokens, _ = corpus_tokens('hf:' + {str(folder)!r}); print(time.perf_counter() - t)"
+        )
+        encode = child_measure(code, preload="import datasets, pyarrow")
+        return {
+            "disk_mb": disk / 1e6,
+            "shards": len(list(folder.glob("*.parquet"))),
+            "chars": chars,
+            "encode_s": encode[0],
+            "encode_rss": encode[1],
+        }
+
+
+def scale_table(args, train_anon_small: float | None) -> None:
+    """Section 6: generated corpora of each --large-mb size side by side, and an hf: parquet folder."""
+    sizes = [5] if args.quick else [int(mb) for mb in args.large_mb.split(",") if int(mb)]
+    if sizes:
+        print("\n6. generated corpora: encoding into the token cache, then a second run (cache hit)")
+        print(
+            f"   {'corpus':>8} {'encode MB/s':>11} {'encode s':>9} {'peak RSS added':>15} {'x corpus':>8} "
+            f"{'first step (hit)':>16} {'training anon':>13}"
+        )
+    for mb in sizes:
+        g = bench_large_corpus(mb, args)
+        print(
+            f"   {g['mb']:>5.0f} MB {g['mb'] / g['encode_s']:>11.0f} {g['encode_s']:>9.1f} {g['encode_rss']:>12.0f} MB "
+            f"{g['encode_rss'] / g['mb']:>8.3f} {g['hit_s']:>14.2f} s {g['train_anon']:>10.0f} MB"
+        )
+    if sizes and train_anon_small is not None:
+        print(f"   (training on a 2 MB corpus: +{train_anon_small:.0f} MB anonymous)")
+    hf_mb = 2 if args.quick else args.hf_mb
+    if hf_mb:
+        h = bench_hf_folder(hf_mb, args)
+        mb = h["chars"] / 1e6
+        print(
+            f"   hf: a local folder of {h['shards']} parquet shards, {h['disk_mb']:.0f} MB on disk, {mb:.0f} M characters: "
+            f"encoding {mb / h['encode_s']:.0f} M chars/s ({h['encode_s']:.1f} s), peak RSS added +{h['encode_rss']:.0f} MB "
+            f"({h['encode_rss'] / mb:.3f}x the text)"
+        )
 
 
 # --- the table ------------------------------------------------------------------------------------
@@ -474,15 +559,7 @@ def throughput_tables(args, peak16: float, peak32: float) -> None:
             f"{m['sample_small']:.0f} MB, {args.memory_chars:,} chars {m['sample_large']:.0f} MB"
         )
 
-    large_mb = 5 if args.quick else args.large_mb
-    if large_mb:
-        g = bench_large_corpus(large_mb, args)
-        print(
-            f"\n6. a generated {g['mb']:.0f} MB corpus: encoding {g['mb'] / g['encode_s']:.0f} MB/s "
-            f"({g['encode_s']:.1f} s), peak RSS added while encoding +{g['encode_rss']:.0f} MB "
-            f"({g['encode_rss'] / g['mb']:.2f}x the corpus); second run (cache hit): first training step after "
-            f"{g['hit_s']:.2f} s, training +{g['train_anon']:.0f} MB anonymous (vs +{m['train']:.0f} MB on a 2 MB corpus)"
-        )
+    scale_table(args, m["train"])
 
 
 def main() -> None:
@@ -496,7 +573,14 @@ def main() -> None:
         help="comma-separated --dtype values of charrnn's quality runs (the plain script is fp32)",
     )
     parser.add_argument("--quality-only", action="store_true", help="run section 5 alone")
-    parser.add_argument("--large-mb", type=int, default=200, help="size of the generated corpus for section 6 (0: skip)")
+    parser.add_argument(
+        "--large-mb", default="200,2048", help="sizes (MiB, comma-separated) of the generated corpora of section 6 (0: skip)"
+    )
+    parser.add_argument("--hf-mb", type=int, default=500, help="disk size (MiB) of the hf: parquet folder of section 6 (0: skip)")
+    parser.add_argument(
+        "--scale-dir", default=None, help="where section 6 writes its corpora, removed after (default: the temp folder)"
+    )
+    parser.add_argument("--scale-only", action="store_true", help="run section 6 alone")
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.emb, args.seq_len, args.batch = 128, 32, 32, 16
@@ -516,7 +600,9 @@ def main() -> None:
     peak16 = matmul_peak(torch.bfloat16, 1024 if args.quick else 2048, args.peak_seconds)
     print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
 
-    if not args.quality_only:
+    if args.scale_only:
+        scale_table(args, None)
+    elif not args.quality_only:
         throughput_tables(args, peak16, peak32)
 
     if args.quality or args.quality_only:

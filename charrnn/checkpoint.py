@@ -161,22 +161,28 @@ def _describe_os_error(exc: OSError) -> str:
 # --- loading --------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory for ``path``: a checkpoint, or a run directory (its ``best``, else ``last``).
+def resolve_checkpoint(path: str | Path, names: tuple[str, ...] = ("best", "last")) -> Path:
+    """The checkpoint directory for ``path``: a checkpoint, or a run directory (the first of its ``names``).
 
-    If a save was interrupted between its two renames, the intact previous copy
-    (``.NAME.old``) is used.
+    Sampling takes a run's ``best``, else its ``last``; resuming takes its ``last``
+    (``names=("last",)``), the one with training state. If a save was interrupted between
+    its two renames, the intact previous copy (``.NAME.old``) is used.
     """
     path = Path(path).expanduser()
     if (path / CONFIG_FILE).exists():
         return path
-    for name in ("best", "last"):
+    for name in names:
         for candidate in (path / name, path / f".{name}.old"):
             if (candidate / CONFIG_FILE).exists():
                 return candidate
     old = path.parent / f".{path.name}.old"
     if (old / CONFIG_FILE).exists():
         return old
+    if names == ("last",) and any((path / n / CONFIG_FILE).exists() for n in ("best", ".best.old")):
+        raise CheckpointError(
+            f"{path} holds no 'last' checkpoint to resume from, only 'best' (which has no training state): "
+            "sample from it, or train a new run"
+        )
     if path.is_dir():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         hint = (
@@ -237,12 +243,12 @@ def _load_json(path: Path, name: str, hashes: dict[str, str] | None) -> Any:
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", with_training_state: bool = False) -> Checkpoint:
-    """Load a checkpoint directory (or a run directory's best one) safely.
+    """Load a checkpoint directory (or a run directory's ``best``; its ``last`` ``with_training_state``) safely.
 
     Every failure, from a missing file to random bytes, is a ``CheckpointError`` naming
     the file. No file is unpickled and no code from the checkpoint runs.
     """
-    path = resolve_checkpoint(path)
+    path = resolve_checkpoint(path, ("last",) if with_training_state else ("best", "last"))
     config = _load_json(path, CONFIG_FILE, None)
     if not isinstance(config, dict) or not isinstance(config.get("files"), dict) or not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{path / CONFIG_FILE} is not a charrnn checkpoint config (no 'model' or 'files')")

@@ -162,6 +162,13 @@ class TrainConfig:
     eval_interval: int | None = field(
         default=None, metadata=_help("evaluate on the full validation split every N steps (auto: 8 times a run)", auto=True)
     )
+    save_every: float = field(
+        default=300.0,
+        metadata=_help(
+            "also save a resumable 'last' at least this often, in seconds of wall-clock time, between evaluations "
+            "(0: at evaluations only); a crashed or restarted run loses at most this much"
+        ),
+    )
     patience: int = field(default=5, metadata=_help("stop after N evaluations without improvement (0: never)"))
     sample_chars: int = field(default=200, metadata=_help("characters of sample text printed at each evaluation (0: none)"))
     seed: int = field(default=1337, metadata=_help("random seed: same seed, same machine, same run"))
@@ -196,6 +203,10 @@ class TrainConfig:
         )
         _check(
             self.eval_interval is None or self.eval_interval >= 1, f"--eval-interval must be at least 1, got {self.eval_interval}"
+        )
+        _check(
+            self.save_every >= 0 and math.isfinite(self.save_every),
+            f"--save-every must be a number of seconds >= 0 (0: save at evaluations only), got {self.save_every}",
         )
         _check(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
         _check(self.sample_chars >= 0, f"--sample-chars must be >= 0, got {self.sample_chars}")

@@ -35,3 +35,13 @@ class SessionFileError(CharRNNError):
 
 class MetricsError(CharRNNError):
     """A run directory has no metrics to plot (missing, unreadable, or empty)."""
+
+
+class PeerLostError(TrainingError):
+    """Another process of a ``torchrun`` job died or cut its connection.
+
+    Not the user's mistake and not one a restart repeats: torchrun may restart the job,
+    which then resumes from the run's ``last`` save.
+    """
+
+    exit_code = 1

@@ -14,7 +14,7 @@ def test_quick_benchmark_prints_its_table_and_the_fast_paths_agree(subprocess_en
     result = run_python([REPO / "benchmarks" / "bench.py", "--quick"], subprocess_env, REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for section in ("matmul peak", "1-2. training throughput", "3. sampling", "4. memory", "6. a generated"):
+    for section in ("matmul peak", "1-2. training throughput", "3. sampling", "4. memory", "6. generated corpora"):
         assert section in out
     # The fp32 step function gives the reference model's logits.
     diff = float(re.search(r"max \|diff\| ([0-9.e+-]+)", out).group(1))

@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model_config, tiny_train_config
+from conftest import make_text, tiny_model_config, tiny_train_config
 
-from charrnn.data.corpus import SHAKESPEARE_SHA256, load_corpus, shakespeare_path
+from charrnn.data.corpus import SHAKESPEARE_SHA256, iter_corpus, load_corpus, shakespeare_path
 from charrnn.data.streams import BatchStreams, StreamPosition, split_tokens
 from charrnn.errors import CorpusError
 from charrnn.tokenizer import CharTokenizer
@@ -164,6 +164,29 @@ def test_hf_picks_a_named_column(hf_offline, tmp_path):
     assert load_corpus(f"hf:{ds}", hf_column="body") == "one\ntwo"
     with pytest.raises(CorpusError, match=r"choose one with --hf-column"):
         load_corpus(f"hf:{ds}")
+
+
+def test_hf_parquet_shards_stream_in_bounded_chunks_into_a_memory_mapped_token_file(hf_offline, tmp_path, monkeypatch):
+    """A folder of parquet shards (what a hub dataset is) goes through the same streaming path as a
+    text file: chunks of about CHUNK_BYTES (never the whole dataset), then one mapped token file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import charrnn.data.corpus
+    from charrnn.data.token_cache import corpus_tokens
+
+    ds, rows = tmp_path / "shards", [make_text(seed=i, n_chars=300 + 7 * i) for i in range(60)]
+    ds.mkdir()
+    for shard in range(3):  # row groups of 5 rows: a reader holds a few rows at a time
+        pq.write_table(
+            pa.table({"text": rows[shard * 20 : (shard + 1) * 20]}), ds / f"train-{shard:05d}.parquet", row_group_size=5
+        )
+    monkeypatch.setattr(charrnn.data.corpus, "CHUNK_BYTES", 2000)
+    chunks = list(iter_corpus(f"hf:{ds}"))
+    assert "".join(chunks) == "\n".join(rows)
+    assert 5 < len(chunks) < len(rows) and max(map(len, chunks)) < 2000 + max(map(len, rows)) + 1
+    tokens, tokenizer = corpus_tokens(f"hf:{ds}")
+    assert isinstance(tokens, np.memmap) and tokenizer.decode(tokens.tolist()) == "\n".join(rows)
 
 
 def test_hf_missing_dataset_is_a_corpus_error(hf_offline, tmp_path):

@@ -12,12 +12,15 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, TINY_TRAIN_FLAGS, run_python
+from conftest import REPO, TINY_TRAIN_FLAGS, run_python, tiny_model_config, tiny_train_config
 from safetensors.torch import load_file
 
 from charrnn.checkpoint import load_checkpoint
 from charrnn.data.streams import BatchStreams, split_tokens
+from charrnn.errors import CheckpointError
 from charrnn.tokenizer import CharTokenizer
+from charrnn.training.callbacks import Callback, MetricsLog
+from charrnn.training.trainer import train
 
 N = 30  # total steps; the small corpus has 12 batches per epoch (checked below)
 K_MID_EPOCH = 17  # epoch 1, batch 5
@@ -143,3 +146,86 @@ def test_stopped_and_resumed_run_equals_straight_run_bit_for_bit(k, straight_run
     losses_a = _train_losses(run_a)
     assert [step for step, _, _ in losses_a] == list(range(1, N + 1))
     assert _train_losses(run_b) == losses_a  # losses and learning rates, exactly
+
+
+# --- resuming a run folder, and from a --save-every save -------------------------------------
+
+
+def test_resume_given_the_run_folder_takes_its_last(tmp_path, corpus_file):
+    """As sample.py takes a run folder's best, --resume takes its last (the one with training state)."""
+    run = train(tiny_train_config(corpus_file, tmp_path / "run", max_iters=10), tiny_model_config())
+    resumed = train(tiny_train_config(corpus_file, tmp_path / "run", max_iters=14, resume=str(run.run_dir)), tiny_model_config())
+    assert resumed.step == 14
+    assert load_checkpoint(tmp_path / "run").path.name == "best"  # sampling still takes best
+    (tmp_path / "only_best").mkdir()
+    (run.run_dir / "best").rename(tmp_path / "only_best" / "best")
+    with pytest.raises(CheckpointError, match="holds no 'last' checkpoint to resume from, only 'best'"):
+        load_checkpoint(tmp_path / "only_best", with_training_state=True)
+
+
+class _CrashAt(Callback):
+    """Raises after step ``step``, as a crash between two evaluations would end the run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, trainer, loss: float) -> None:
+        if trainer.step == self.step:
+            raise RuntimeError("crash (injected by the test)")
+
+
+def test_a_run_that_crashes_between_evaluations_resumes_from_its_save_every_save(tmp_path, corpus_file):
+    """--save-every writes last between evaluations (here before every step); a run that crashed at
+    step 9 of 12, with no evaluation since step 0, resumes from step 8 and ends as an unbroken run."""
+
+    def config(out, **overrides):
+        return tiny_train_config(corpus_file, out, max_iters=12, eval_interval=100, **overrides)
+
+    straight = train(config(tmp_path / "a"), tiny_model_config(dropout=0.2), callbacks=[MetricsLog()])
+    with pytest.raises(RuntimeError, match="injected"):
+        train(config(tmp_path / "b", save_every=1e-9), tiny_model_config(dropout=0.2), callbacks=[MetricsLog(), _CrashAt(9)])
+    saved = json.loads((tmp_path / "b" / "last" / "training_state.json").read_text(encoding="utf-8"))
+    assert saved["step"] == 8  # saved before step 9 began
+    assert not (tmp_path / "b" / "best").exists()  # saves, not evaluations
+    resumed = train(config(tmp_path / "b", resume=str(tmp_path / "b")), tiny_model_config(dropout=0.2), callbacks=[MetricsLog()])
+    assert resumed.step == 12
+    wa, wb = load_file(straight.last / "model.safetensors"), load_file(resumed.last / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _train_losses(resumed.run_dir) == _train_losses(straight.run_dir)
+
+
+def test_a_restarted_worker_group_resumes_from_its_own_jobs_last_save(tmp_path, corpus_file, monkeypatch, capsys):
+    """One process under torchrun's agent (the environment it sets): attempt 0 crashes after the save
+    at step 5; attempt 1 of the same job resumes from it by itself and ends as an unbroken run. A
+    `last` that another job left in the folder is not resumed from."""
+    config = tiny_train_config(corpus_file, tmp_path / "run", max_iters=10, eval_interval=5, save_every=0)
+    straight = train(tiny_train_config(corpus_file, tmp_path / "straight", max_iters=10, eval_interval=5), tiny_model_config())
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    with pytest.raises(RuntimeError, match="injected"):
+        train(config, tiny_model_config(), callbacks=[MetricsLog(), _CrashAt(7)])
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    messages = []
+
+    class Notes(Callback):
+        def on_message(self, trainer, text: str) -> None:
+            messages.append(text)
+
+    resumed = train(config, tiny_model_config(), callbacks=[MetricsLog(), Notes()])
+    assert resumed.step == 10
+    assert messages == [f"note: torchrun restart 1 of at most 2: resuming from {tmp_path / 'run' / 'last'}, the run's last save"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {"step": 5, "restart": 1, "resumed_from": str(tmp_path / "run" / "last")} in records
+    assert _train_losses(resumed.run_dir) == _train_losses(straight.run_dir)
+    wa, wb = load_file(straight.last / "model.safetensors"), load_file(resumed.last / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")  # another job, restarted, finds job 1's last
+    messages.clear()
+    again = train(config, tiny_model_config(), callbacks=[Notes()])
+    assert messages == [
+        f"note: torchrun restart 1 of at most 2: {tmp_path / 'run' / 'last'} was saved by another job, so training "
+        "starts again from step 0"
+    ]
+    assert again.step == 10

@@ -107,7 +107,7 @@ def run_cli(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int
             return main(list(sys.argv[1:] if argv is None else argv))
     except CharRNNError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(exc, "exit_code", EXIT_USER_ERROR)  # 1 where it was not the user's mistake
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -68,12 +68,16 @@ class Callback:
 
 
 class MetricsLog(Callback):
-    """``RUN/metrics.jsonl``: ``{"step", "loss", "lr", "elapsed"}`` per step and
-    ``{"step", "val_loss", "val_bpc", "elapsed"}`` per evaluation."""
+    """``RUN/metrics.jsonl``: ``{"step", "loss", "lr", "elapsed"}`` per step,
+    ``{"step", "val_loss", "val_bpc", "elapsed"}`` per evaluation, and
+    ``{"step", "restart", "resumed_from"}`` when torchrun restarted the job (the step it went on from)."""
 
     def on_start(self, trainer: Trainer) -> None:
         self.path = trainer.run_dir / METRICS_FILE
         self._trim(trainer.step)
+        if trainer.restart:
+            resumed = str(trainer.resumed_from) if trainer.resumed_from else None
+            self._log(trainer, {"step": trainer.step, "restart": trainer.restart, "resumed_from": resumed})
 
     def _trim(self, step: int) -> None:
         """On resume, drop metrics the interrupted run logged after its checkpoint.

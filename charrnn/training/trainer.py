@@ -27,23 +27,27 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from .._io import FolderBusyError, folder_lock
-from ..checkpoint import Checkpoint, check_replaceable, load_checkpoint, save_checkpoint
+from .._io import FolderBusyError, folder_lock, read_json
+from ..checkpoint import Checkpoint, check_replaceable, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..config import ModelConfig, TrainConfig
 from ..data.corpus import corpus_name
 from ..data.streams import BatchStreams, StreamPosition, split_tokens
 from ..data.token_cache import corpus_tokens
 from ..device import autocast, resolve_device, resolve_dtype
-from ..errors import CheckpointError, ConfigError, CorpusError, TrainingError
+from ..errors import CharRNNError, CheckpointError, ConfigError, CorpusError, PeerLostError, TrainingError
 from ..evaluation import evaluate
 from ..model import CharRNN, Hidden, count_parameters, detach_hidden
 from .callbacks import Callback, PreviewFunction, default_callbacks, trigger
-from .distributed import Distributed
+from .distributed import Distributed, peer_lost
 from .sizing import plan_run
 
 # Settings that may change when a run resumes (with a warning for the ones that matter).
-_QUIET_ON_RESUME = {"resume", "out", "device", "progress", "plot"}
+_QUIET_ON_RESUME = {"resume", "out", "device", "progress", "plot", "save_every"}
 _SHAPE_FIELDS = {"cell", "n_layers", "hidden_size", "embedding_size"}
+# After a signal, how long the processes wait for each other to agree to stop and save. torchrun
+# SIGTERMs every worker when one dies, and kills them 30 s later: a dead or hung peer must not
+# hold the survivors in a collective until then (or for the process group's 30 minutes).
+SIGNAL_AGREE_SECONDS = 10.0
 
 
 @dataclass
@@ -177,6 +181,42 @@ def _explicit_fields(config: TrainConfig, model_config: ModelConfig) -> set[str]
     }
 
 
+def resume_after_restart(config: TrainConfig, dist: Distributed) -> tuple[TrainConfig, str | None]:
+    """Where a worker group that torchrun restarted goes on from: its run's ``last``, if saved.
+
+    The first attempt is left as it was given. A restarted one (``TORCHELASTIC_RESTART_COUNT``
+    > 0) resumes from the ``last`` of the run directory, ``--out`` or else the folder of
+    ``--resume``; with no save there yet it starts as the first attempt did. Returns the
+    settings to go on with and a note for the user.
+    """
+    if not dist.restart:
+        return config, None
+    attempt = f"torchrun restart {dist.restart} of at most {dist.max_restarts}"
+    run_dir = Path(config.out) if config.out else None
+    if run_dir is None and config.resume:
+        try:
+            run_dir = resolve_checkpoint(config.resume, ("last",)).parent
+        except CheckpointError:
+            run_dir = None
+    if run_dir is None:
+        return config, (
+            f"warning: {attempt}, but no --out names the run, so its saves cannot be found: it starts over "
+            "in a new folder; give --out RUN to let a restart continue from RUN/last"
+        )
+    start = f"from {config.resume}" if config.resume else "from step 0"
+    try:
+        last = resolve_checkpoint(run_dir / "last")
+        job = read_json(last / "config.json").get("torchrun_job")
+        resumed = resolve_checkpoint(config.resume, ("last",)) if config.resume else None
+    except (CheckpointError, OSError, ValueError, AttributeError):
+        return config, f"note: {attempt}: {run_dir} holds no save yet, so training starts again {start}"
+    # A `last` an earlier job left in the folder (this job's first attempt died before its first
+    # save) is not this run's, unless this job started from it.
+    if job != dist.run_id and (resumed is None or last.resolve() != resumed.resolve()):
+        return config, f"note: {attempt}: {last} was saved by another job, so training starts again {start}"
+    return replace(config, resume=str(last)), f"note: {attempt}: resuming from {last}, the run's last save"
+
+
 # --- signals ---------------------------------------------------------------------------------
 
 
@@ -187,13 +227,16 @@ class StopSignal:
     the save always completes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, elastic: bool = False) -> None:
         self.signum: int | None = None
+        self.elastic = elastic
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is None:
             self.signum = signum
-            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint...", file=sys.stderr)
+            # Under torchrun a SIGTERM often means another worker died: the save needs every process.
+            also = " if every process is still there" if self.elastic else ""
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint{also}...", file=sys.stderr)
         else:
             print("\nstill saving the checkpoint; it will be done in a moment", file=sys.stderr)
 
@@ -227,6 +270,9 @@ class Trainer:
         model_config = model_config or ModelConfig()
         self.dist = Distributed.from_env()
         saved, notes = None, []
+        # A worker group that torchrun restarted goes on from the run's last save by itself.
+        config, restart_note = resume_after_restart(config, self.dist)
+        notes += [restart_note] if restart_note else []
         if config.resume:
             saved = load_checkpoint(config.resume, with_training_state=True)
             if explicit is None:
@@ -240,6 +286,9 @@ class Trainer:
         self.config = config
         self.device = self.dist.start(resolve_device(config.device))
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self._check_same_resume(saved)
+        # What a restart records in metrics.jsonl: which attempt this is, and the save it resumed from.
+        self.restart, self.resumed_from = self.dist.restart, (saved.path if saved else None)
 
         # Rank 0 encodes the corpus into its token cache; the others then map the same file.
         for turn in (True, False):
@@ -293,6 +342,7 @@ class Trainer:
         )
         self.optimizer = make_optimizer(self.model, config)
         self.saved_step = -1
+        self.last_save = time.monotonic()  # when rank 0 last wrote `last` (reset when training starts)
 
         self.step = 0
         self.position = StreamPosition()
@@ -305,6 +355,24 @@ class Trainer:
             self._restore(saved)
             self._fit_position_to_layout(saved)
         self.chars_per_step = self.streams.batch_size * config.seq_len
+
+    def _check_same_resume(self, saved: Checkpoint | None) -> None:
+        """Every process must resume from the same save (or none): each read the run folder for itself.
+
+        Where the folder is on one machine's disk only, the other machines' processes would
+        find no save (or an older copy) and train on from somewhere else.
+        """
+        if not self.dist.enabled:
+            return
+        step = int(saved.state["step"]) if saved and saved.state else -1
+        steps = [int(t) for t in self.dist.gather(torch.tensor([step], dtype=torch.int64, device=self.device))]
+        if len(set(steps)) > 1:
+            found = ", ".join(f"rank {r}: {'none' if s < 0 else f'step {s}'}" for r, s in enumerate(steps))
+            raise CheckpointError(
+                f"the processes found different saves to resume from ({found}): every machine must see the same "
+                f"run folder ({saved.path.parent if saved else self.config.out}); put it on shared storage, or copy it "
+                "to the same path on each machine"
+            )
 
     def _default_run_dir(self, saved: Checkpoint | None) -> Path:
         if saved is not None:
@@ -431,6 +499,8 @@ class Trainer:
             "step": self.step,
             "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
             "dtype": str(self.dtype).replace("torch.", ""),
+            # Which torchrun job saved it: a restart resumes only from its own job's saves.
+            **({"torchrun_job": self.dist.run_id} if self.dist.elastic else {}),
         }
 
     def checkpoint(self) -> None:
@@ -456,7 +526,18 @@ class Trainer:
         if improved:
             save_checkpoint(self.run_dir / "best", self.model, self.tokenizer, self._meta())
         save_checkpoint(self.run_dir / "last", self.model, self.tokenizer, self._meta(), tensors, state)
+        self.last_save = time.monotonic()
         trigger(self.callbacks, "on_checkpoint", self, val, improved)
+
+    def save(self) -> None:
+        """Save ``last`` without evaluating (``--save-every``): what a crash or a restart goes on from.
+
+        Under DDP every process calls this (the state is gathered); rank 0 writes.
+        """
+        tensors, state = self._state()
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir / "last", self.model, self.tokenizer, self._meta(), tensors, state)
+            self.last_save = time.monotonic()
 
     # -- the loop -------------------------------------------------------------------------------------
     def _budget_done(self) -> str | None:
@@ -491,7 +572,12 @@ class Trainer:
                 f"{self.run_dir / 'last'}"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss.backward()  # under DDP this exchanges the gradients
+        except RuntimeError as exc:
+            if self.dist.enabled and not isinstance(exc, torch.OutOfMemoryError):
+                raise peer_lost("exchanging gradients", exc) from None
+            raise
         # Without clipping (--grad-clip 0) the norm is still measured, so that a non-finite
         # gradient stops the run here rather than turning the weights into NaN.
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
@@ -506,27 +592,36 @@ class Trainer:
         self.position = self.streams.next(self.position)
         return loss_value
 
-    def _should_stop(self, stop_signal: StopSignal) -> str | None:
-        """Why the run ends before the next step, if it does; every process gets the same answer."""
-        reason = self._budget_done() if self.dist.is_main else None
+    def _should_stop(self, stop_signal: StopSignal) -> tuple[str | None, bool]:
+        """Why the run ends before the next step, if it does, and whether a ``--save-every`` save is due.
+
+        Every process gets the same answers (in one collective).
+        """
+        main = self.dist.is_main
+        reason = self._budget_done() if main else None
+        every = self.config.save_every
+        save_due = main and every > 0 and time.monotonic() - self.last_save >= every
         signalled = stop_signal.signum is not None
         if self.dist.enabled:
             # Rank 0's clock and verdicts rule, so every process takes the same steps at the same rates.
-            ended, signals, elapsed = self.dist.sum(
-                [float(reason is not None), float(signalled), self.elapsed if self.dist.is_main else 0.0], self.device
+            ended, signals, elapsed, due = self.dist.sum(
+                [float(reason is not None), float(signalled), self.elapsed if main else 0.0, float(save_due)],
+                self.device,
+                timeout=SIGNAL_AGREE_SECONDS if signalled else None,
             )
-            self.elapsed, signalled = elapsed, signals > 0
+            self.elapsed, signalled, save_due = elapsed, signals > 0, due > 0
             reason = reason or ("ended by rank 0" if ended else None)
         if reason is None and signalled:
             name = signal.Signals(stop_signal.signum).name if stop_signal.signum else "a signal to another process"
             reason = f"stopped by {name}"
-        return reason
+        return reason, save_due
 
     def run(self) -> TrainResult:
         """Train until a budget, a signal or early stopping ends the run; save and report."""
         with self._run_dir_lock():
             self.model.train()
-            stop_signal = StopSignal()
+            self.last_save = time.monotonic()  # --save-every counts from the start of training
+            stop_signal = StopSignal(self.dist.elastic)
             try:
                 result = self._loop(stop_signal)
             finally:
@@ -569,9 +664,11 @@ class Trainer:
         trigger(self.callbacks, "on_start", self)
         with stop_signal.installed():
             while reason is None:
-                reason = self._should_stop(stop_signal)
+                reason, save_due = self._should_stop(stop_signal)
                 if reason:
                     break
+                if save_due:
+                    self.save()
                 # --max-time counts training steps only: evaluations and saves come on top.
                 start = time.perf_counter()
                 loss = self.train_step()
@@ -603,5 +700,12 @@ def train(
     dist = Distributed.from_env()
     try:
         return Trainer(config, model_config, explicit, callbacks, preview).run()
+    except CharRNNError as exc:
+        # A user's mistake (a corpus gone, a bad flag, a full disk) meets every restart again:
+        # end the torchrun job with its message rather than restart it --max-restarts times.
+        # A lost peer is the failure restarts are for.
+        if not isinstance(exc, PeerLostError) and dist.end_restarts():
+            _warn("warning: ended the torchrun job instead of restarting it: a restart would meet the error below again")
+        raise
     finally:
         dist.stop()
