@@ -339,7 +339,13 @@ class Sampler:
         return [(self.tokenizer.decode((i,)), float(p)) for i, p in zip(ids.tolist(), values.tolist())]
 
     def score(
-        self, text: str, stepped: bool = False, streams: int = 16, dynamic: bool = False, dynamic_lr: float = DYNAMIC_LR
+        self,
+        text: str,
+        stepped: bool = False,
+        streams: int = 16,
+        dynamic: bool = False,
+        dynamic_lr: float = DYNAMIC_LR,
+        what: str = "the text",
     ) -> float:
         """Mean nats per character of predicting each character of ``text`` from those before it.
 
@@ -353,10 +359,13 @@ class Sampler:
         With ``dynamic``, a copy of the weights keeps learning from the text as it reads it
         (dynamic evaluation, see :func:`~charrnn.evaluation.dynamic_evaluate`; SGD at
         ``dynamic_lr``): a different figure, reported apart from the static one.
+        ``what`` names the text in an error (e.g. a file name).
         """
-        ids = self.encode_prompt(text, allow_empty=False).cpu().numpy()
+        ids = self.encode_prompt(text, allow_empty=False, what=what).cpu().numpy()
         if len(ids) < 2:
-            raise PromptError("score needs at least two characters: the first one has nothing to be predicted from")
+            raise PromptError(
+                f"{what} is too short to score: it needs at least two characters (the first has nothing to be predicted from)"
+            )
         if dynamic:
             return dynamic_evaluate(self.model, ids, self.device, lr=dynamic_lr)
         if not stepped:
