@@ -35,3 +35,11 @@ class SessionFileError(CharRNNError):
 
 class MetricsError(CharRNNError):
     """A run directory has no metrics to plot (missing, unreadable, or empty)."""
+
+
+class ExportError(CharRNNError):
+    """A model cannot be exported (a missing package, an unwritable folder)."""
+
+
+class HubError(CharRNNError):
+    """The Hugging Face Hub cannot give or take a model (offline, unknown repository, no permission)."""
