@@ -41,5 +41,5 @@ class ExportError(CharRNNError):
     """A model cannot be exported (a missing package, an unwritable folder)."""
 
 
-class HubError(CharRNNError):
+class HubError(CheckpointError):
     """The Hugging Face Hub cannot give or take a model (offline, unknown repository, no permission)."""

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from .._version import __version__
-from . import chat, export, inspect, plot, sample, score, serve, train
+from . import chat, export, inspect, plot, push, sample, score, serve, train
 from .options import EXIT_USER_ERROR, HelpFormatter
 
 COMMANDS: dict[str, ModuleType] = {
@@ -20,6 +20,7 @@ COMMANDS: dict[str, ModuleType] = {
     "plot": plot,
     "score": score,
     "export": export,
+    "push": push,
 }
 
 
