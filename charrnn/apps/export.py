@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,10 +90,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> Export:
     target = folder / ONNX_FILE
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # notes about torchvision ops this model has none of
     try:
-        program = torch.onnx.export(
-            step, args, dynamo=True, dynamic_shapes=shapes, input_names=names_in, output_names=names_out,
-            opset_version=OPSET, verbose=False, optimize=True,
-        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on torch internals: nothing a user can act on
+            program = torch.onnx.export(
+                step, args, dynamo=True, dynamic_shapes=shapes, input_names=names_in, output_names=names_out,
+                opset_version=OPSET, verbose=False, optimize=True,
+            )  # fmt: skip
         with atomic_write(target) as f:
             f.write(program.model_proto.SerializeToString())
     except OSError as exc:

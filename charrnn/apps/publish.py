@@ -40,7 +40,7 @@ _TEMPLATE = """---
 
 A character-level {{ cell_name }} language model ({{ n_layers }} x {{ hidden_size }} units,
 {{ parameters }} parameters, a vocabulary of {{ vocab_size }} characters), trained with
-[charrnn](https://github.com/charrnn/charrnn) on {{ corpus_title }}.
+charrnn on {{ corpus_title }}.
 
 | | |
 | --- | --- |
@@ -59,8 +59,9 @@ Written by this model (temperature {{ temperature }}, seed {{ seed }}):
 
 ## Use it
 
+With charrnn installed:
+
 ```bash
-pip install charrnn
 charrnn sample --checkpoint hf:{{ repo_id }} --prompt "ROMEO:"
 ```
 

@@ -408,6 +408,9 @@ def load(
 ) -> Sampler:
     """Load a checkpoint (default: the newest best under ``checkpoints/``) as a :class:`Sampler`.
 
+    ``path`` is a run folder, its ``best`` / ``last``, or ``hf:OWNER/NAME[@REVISION]`` for a
+    model on the Hugging Face Hub (downloaded once into the Hub's cache, then found offline).
+
     ``dtype`` is the precision of a sampling step (see :meth:`Sampler.stepper`): None or
     "auto", or float32, bfloat16, int8 (as a torch dtype or its name).
     """
