@@ -1,24 +1,161 @@
-"""Files: atomic writes, checksums, bounded reads of a user's text file.
+"""Files: atomic writes, checksums, bounded reads, bounded JSON, the run-folder lock.
 
 Every file charrnn writes for later (checkpoint files, the token cache, a saved chat
-session, the training plot, a downloaded corpus) goes through :func:`atomic_write`: it is
-written beside its target under a hidden temporary name, flushed to disk, then renamed
-over the target, so a reader (or a process started after a crash) sees the old file or
-the new one, never half of one.
+session, the training plot, the inspector's page, a downloaded corpus) goes through
+:func:`atomic_write`: it is written beside its target under a hidden temporary name,
+flushed to disk, then renamed over the target, so a reader (or a process started after a
+crash) sees the old file or the new one, never half of one. It replaces only what is
+absent or a regular file; a symlink to a regular file is written through (the link stays
+and now points at the new file); a device, FIFO, socket or folder is never replaced.
+
+Every file charrnn reads goes through :func:`open_regular`: opened without blocking (a
+FIFO with no writer cannot hang us), refused unless it is a regular file (``/dev/zero``
+behind a symlink is not), and read with a size bound enforced while reading (``st_size``
+proves nothing for special files, and a regular file may grow as we read it).
+
+Each failure here is an ``OSError`` whose ``strerror`` is the reason in words, so each
+caller keeps its own sentence: "cannot read X: <reason>".
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
+import json
 import os
+import re
+import stat
 from collections.abc import Iterator
+from itertools import accumulate
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, BinaryIO
 
 from .errors import CharRNNError
 
 _CHUNK = 1 << 20
+MAX_JSON_BYTES = 16 << 20  # config, training state, tokenizer, token-cache metadata: all far smaller
+MAX_JSON_DEPTH = 32  # charrnn's own files nest 4 deep at most
+MAX_JSON_NUMBER_CHARS = 40  # a 64-bit integer has 20 digits; a float's repr fewer than 25
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _not_regular(mode: int, doing: str) -> OSError:
+    return OSError(errno.EINVAL, f"it is {_kind(mode)}, not a regular file; {doing} only regular files")
+
+
+def _too_large(limit: int) -> OSError:
+    return OSError(errno.EFBIG, f"it is larger than {limit:,} bytes, the most charrnn reads from such a file")
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open ``path`` for reading in binary, refusing anything but a regular file.
+
+    Opened with ``O_NONBLOCK``, so a FIFO without a writer does not wait; its type is then
+    checked on the open descriptor (no race with a rename). Raises ``OSError`` (its
+    ``strerror`` says why in words); a missing file is ``FileNotFoundError`` as usual.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(Path(path).expanduser(), flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(mode, "charrnn reads")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_append(path: str | Path) -> IO[str]:
+    """Open the regular file ``path`` (created if absent) to append UTF-8 lines; ``OSError`` for anything else.
+
+    ``O_NONBLOCK`` here too: opening a FIFO to write would otherwise wait for a reader.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(Path(path).expanduser(), flags, 0o644)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(mode, "charrnn appends to")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "a", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_limited(f: IO, limit: int) -> Any:
+    """Everything ``f`` holds, bytes or characters, refused (``OSError``) beyond ``limit``.
+
+    Read a MB at a time and at most ``limit + 1`` units in all, so a huge or endless input
+    is never read whole (and no buffer of the limit's size is allocated up front).
+    """
+    parts, total = [], 0
+    while total <= limit and (part := f.read(min(_CHUNK, limit + 1 - total))):
+        parts.append(part)
+        total += len(part)
+    if total > limit:
+        raise _too_large(limit)
+    return ("" if isinstance(f, io.TextIOBase) else b"").join(parts)
+
+
+def read_bytes(path: str | Path, limit: int) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them (``OSError`` otherwise)."""
+    with open_regular(path) as f:
+        return read_limited(f, limit)
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def _bounded_number(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        if len(text) > MAX_JSON_NUMBER_CHARS:
+            raise ValueError(f"a number of {len(text):,} digits")
+        return kind(text)
+
+    return parse
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """JSON from outside, parsed with bounds on nesting and number length; ``ValueError`` if broken.
+
+    Size is bounded by the caller's read. NaN and Infinity are refused: no charrnn file
+    holds them, and they would pass later range checks as comparisons with NaN do.
+    """
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    brackets = _JSON_STRING.sub("", text).translate({c: None for c in range(128) if c not in _JSON_BRACKET_STEP})
+    depth = max(accumulate(_JSON_BRACKET_STEP.get(ord(c), 0) for c in brackets), default=0)
+    if depth > max_depth:
+        raise ValueError(f"nested {depth} levels deep; at most {max_depth} are read")
+    return json.loads(text, parse_int=_bounded_number(int), parse_float=_bounded_number(float), parse_constant=_no_constant)
+
+
+def read_json(path: str | Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file read with :func:`read_bytes` and parsed with :func:`parse_json`."""
+    return parse_json(read_bytes(path, limit))
 
 
 def fsync_dir(path: Path) -> None:
@@ -35,6 +172,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def output_target(path: str | Path) -> Path:
+    """Where a write to ``path`` lands: ``path`` itself, or the file a symlink there points to.
+
+    Raises ``OSError`` when that is a folder, a device, a FIFO or a socket: charrnn
+    replaces only regular files, so ``/save /dev/full`` cannot replace a device node.
+    """
+    path = Path(path).expanduser()
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))  # write through the link; a dangling one is created at its target
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISREG(mode):
+        raise _not_regular(mode, "charrnn replaces")
+    return path
+
+
 def temporary_path(path: Path) -> Path:
     """The hidden name a write to ``path`` goes to first (per process, so two writers never share one)."""
     return path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -46,8 +201,9 @@ def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None
 
     On any exception the temporary file is removed and ``path`` is left as it was; the
     exception propagates (callers turn an ``OSError`` into their own error sentence).
+    What is replaced is decided by :func:`output_target`.
     """
-    path = Path(path)
+    path = output_target(path)
     tmp = temporary_path(path)
     try:
         with open(tmp, mode, encoding=encoding) as f:
@@ -80,10 +236,18 @@ def sha256_bytes(data: bytes) -> str:
 def sha256_file(path: str | Path) -> str:
     """sha256 of a file, read a MB at a time."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_utf8(text: str, what: str, error: type[CharRNNError]) -> None:
+    """Refuse text with lone surrogates: bytes that were not UTF-8, smuggled in by ``surrogateescape``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(f"cannot read {what}: it is not UTF-8 text") from None
 
 
 def read_text_file(path: str | Path, what: str, max_chars: int, error: type[CharRNNError], stdin: IO[str] | None = None) -> str:
@@ -91,18 +255,19 @@ def read_text_file(path: str | Path, what: str, max_chars: int, error: type[Char
 
     Reads one character more than the limit, so a caller can tell "at the limit" from
     "over it" without reading a huge file whole. Every failure is ``error`` with a
-    sentence naming ``what`` (e.g. ``--text notes.txt``).
+    sentence naming ``what`` (e.g. ``--text notes.txt``); text that is not UTF-8 gets the
+    same sentence from a file and from standard input.
     """
-    if str(path) == "-" and stdin is not None:
-        return stdin.read(max_chars + 1)
-    file = Path(path).expanduser()
     try:
-        with open(file, encoding="utf-8") as f:  # universal newlines: \r\n reads as \n
+        if str(path) == "-" and stdin is not None:
+            text = stdin.read(max_chars + 1)
+            check_utf8(text, what, error)  # a terminal's stdin reads bad bytes as surrogates, not an error
+            return text
+        # newline=None: universal newlines, so \r\n reads as \n
+        with io.TextIOWrapper(open_regular(path), encoding="utf-8", newline=None) as f:
             return f.read(max_chars + 1)
     except FileNotFoundError:
         raise error(f"cannot read {what}: no such file") from None
-    except IsADirectoryError:
-        raise error(f"cannot read {what}: it is a directory; give a text file") from None
     except UnicodeDecodeError:
         raise error(f"cannot read {what}: it is not UTF-8 text") from None
     except OSError as exc:
@@ -113,3 +278,35 @@ def user_cache_dir() -> Path:
     """charrnn's folder in the user's cache (``$XDG_CACHE_HOME/charrnn``, by default ``~/.cache/charrnn``)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "charrnn"
+
+
+class FolderBusyError(OSError):
+    """Another live process holds the folder's lock (``strerror`` names it)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive OS lock on ``folder`` for the ``with`` block.
+
+    ``flock`` on the folder itself, so no lock file is left behind, and the kernel
+    releases it when its holder exits or is killed: a crashed run never leaves a stale
+    lock. Raises ``FolderBusyError`` when another process holds it, and ``OSError`` for
+    a folder this process cannot write to (read-only, no permission). Where ``fcntl``
+    does not exist (Windows) nothing is locked.
+    """
+    if not os.access(folder, os.W_OK):
+        raise OSError(errno.EACCES, "it is read-only for this user (or on a read-only file system)")
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusyError(errno.EBUSY, "another process holds its lock") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

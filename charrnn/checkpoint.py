@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from ._io import fsync_dir, write_file
+from ._io import MAX_JSON_BYTES, fsync_dir, parse_json, read_bytes, write_file
 from ._version import __version__
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
@@ -48,6 +48,10 @@ TOKENIZER_FILE = "tokenizer.json"
 STATE_TENSORS_FILE = "training_state.safetensors"
 STATE_JSON_FILE = "training_state.json"
 FORMAT_VERSION = 1
+# Read bounds, enforced while reading: JSON files are a few KB; weights are bounded well
+# above any model a machine here trains (a 4x4096 LSTM is 2.2 GB), far below "read /dev/zero".
+MAX_TENSOR_FILE_BYTES = 64 << 30
+_READ_LIMITS = {STATE_TENSORS_FILE: MAX_TENSOR_FILE_BYTES, WEIGHTS_FILE: MAX_TENSOR_FILE_BYTES}
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle"}
 
 
@@ -88,6 +92,7 @@ def save_checkpoint(
     bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"refusing to save non-finite weights ({', '.join(bad[:3])}): the model diverged")
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     old = path.parent / f".{path.name}.old"
@@ -133,6 +138,16 @@ def save_checkpoint(
             ) from None
         raise
     return path
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse to save over ``path`` unless it is absent or a checkpoint (``CheckpointError``).
+
+    Only a checkpoint of ours is ever replaced: not a file, a link, or someone's folder
+    that happens to be called ``best``.
+    """
+    if path.is_symlink() or (path.exists() and not (path / CONFIG_FILE).is_file()):
+        raise CheckpointError(f"{path} exists and is not a charrnn checkpoint: it is left as it is; choose another --out")
 
 
 def _describe_os_error(exc: OSError) -> str:
@@ -198,11 +213,11 @@ def find_latest_checkpoint(root: str | Path = "checkpoints") -> Path:
 def _read(path: Path, name: str, hashes: dict[str, str] | None) -> bytes:
     file = path / name
     try:
-        data = file.read_bytes()
+        data = read_bytes(file, _READ_LIMITS.get(name, MAX_JSON_BYTES))
     except FileNotFoundError:
         raise CheckpointError(f"{file} is missing: the checkpoint is incomplete; use another checkpoint") from None
     except OSError as exc:
-        raise CheckpointError(f"cannot read {file}: {exc.strerror}") from None
+        raise CheckpointError(f"cannot read {file}: {exc.strerror or exc}; use another checkpoint") from None
     if hashes is not None:
         expected = hashes.get(name)
         if expected is None:
@@ -221,8 +236,8 @@ def _load_tensors(path: Path, name: str, hashes: dict[str, str]) -> dict[str, to
 
 def _load_json(path: Path, name: str, hashes: dict[str, str] | None) -> Any:
     try:
-        return json.loads(_read(path, name, hashes).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return parse_json(_read(path, name, hashes))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(f"{path / name} is not valid JSON ({exc}): the checkpoint is damaged") from None
 
 

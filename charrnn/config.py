@@ -22,6 +22,15 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16")
 NEW_CHARS = ("grow", "unk")  # what a fine-tuned run does with characters its model never saw
 LOGGERS = ("none", "tensorboard")
+MAX_SEED = (1 << 63) - 1  # torch.Generator takes 64 bits; 63 leave room for the per-process offsets
+
+
+def check_seed(seed: int | None, name: str = "--seed") -> None:
+    """A seed is None (fresh) or an integer in [0, 2**63 - 1]: the one rule for every front end."""
+    _check(
+        seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED),
+        f"{name} must be an integer from 0 to {MAX_SEED:,} (2**63 - 1), got {seed!r}",
+    )
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -214,6 +223,7 @@ class TrainConfig:
         )
         _check(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
         _check(self.sample_chars >= 0, f"--sample-chars must be >= 0, got {self.sample_chars}")
+        check_seed(self.seed)
         _check(self.device in DEVICES, f"unknown --device {self.device!r}: choose one of {', '.join(DEVICES)}")
         _check(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         _check(self.new_chars in NEW_CHARS, f"unknown --new-chars {self.new_chars!r}: choose one of {', '.join(NEW_CHARS)}")
@@ -245,7 +255,9 @@ class SampleConfig:
             self.temperature >= 0 and math.isfinite(self.temperature),
             f"temperature must be >= 0 (0 means greedy), got {self.temperature}",
         )
+        # Any k >= the vocabulary keeps every character, as 0 does; the sampler clamps it there.
         _check(self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        check_seed(self.seed, "seed")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
 

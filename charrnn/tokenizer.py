@@ -12,7 +12,6 @@ speed, which matters for corpora of gigabytes.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from ._io import MAX_JSON_BYTES, check_utf8, parse_json, read_bytes
 from .errors import PromptError
 
 UNK_TOKEN = "<unk>"
@@ -102,7 +102,10 @@ class CharTokenizer:
         """The characters of ``text`` the model never saw; a ``PromptError`` if there are no others.
 
         ``what`` names the text in the error ("the prompt", "the message", "the text").
+        Text holding lone surrogates (undecodable bytes, as Python reads non-UTF-8 input
+        from argv or a terminal) is refused with the sentence a non-UTF-8 file gets.
         """
+        check_utf8(text, what, PromptError)
         unknown = self.unknown_chars(text)
         if unknown and len(unknown) == len(set(text)):
             raise PromptError(
@@ -135,12 +138,12 @@ class CharTokenizer:
 
         Raises ValueError if the file is not a character-level WordLevel tokenizer.
         """
-        return cls.load_bytes(Path(path).read_bytes())
+        return cls.load_bytes(read_bytes(path, MAX_JSON_BYTES))
 
     @classmethod
     def load_bytes(cls, raw: bytes) -> "CharTokenizer":
         """Parse the bytes of a ``tokenizer.json`` (ValueError if it is not one of ours)."""
-        data = json.loads(raw.decode("utf-8"))
+        data = parse_json(raw)
         model = data.get("model") if isinstance(data, dict) else None
         vocab = model.get("vocab") if isinstance(model, dict) else None
         if not isinstance(vocab, dict) or model.get("type") != "WordLevel":

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_text
+from conftest import make_text, tiny_model_config, tiny_train_config
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import charrnn
+from charrnn._io import parse_json
 from charrnn.checkpoint import load_checkpoint, save_checkpoint
 from charrnn.config import ModelConfig, TrainConfig
-from charrnn.errors import CheckpointError, ConfigError
+from charrnn.errors import CheckpointError, ConfigError, SessionFileError
+from charrnn.generation.chat import ChatSession, ChatTemplate
+from charrnn.generation.sampler import Sampler
 from charrnn.model import CharRNN
 from charrnn.tokenizer import REPLACEMENT_CHAR, UNK_ID, CharTokenizer
-from charrnn.training.trainer import merge_resume_config
+from charrnn.training.trainer import Trainer, merge_resume_config, train
 
 FAST = settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -219,4 +225,122 @@ def test_resuming_from_any_training_settings_is_a_checkpoint_or_config_error(pri
     try:
         merge_resume_config(config, ModelConfig(), saved, explicit={"data", "resume", "max_iters"})
     except (CheckpointError, ConfigError):
+        pass
+
+
+# --- bounded JSON, rehashed training state, session files, tokenizer files -----------------------
+
+
+@FAST
+@given(value=json_values.filter(lambda v: v == v and "NaN" not in json.dumps(v) and "Infinity" not in json.dumps(v)))
+def test_parse_json_reads_what_json_writes_within_its_bounds(value):
+    try:
+        assert parse_json(json.dumps(value)) == value
+    except ValueError as exc:  # only the number bound refuses a value json wrote: integers past 40 digits
+        assert "digits" in str(exc)
+
+
+@FAST
+@given(text=st.text(alphabet='[]{}",:0123456789.eE-+ntrufalsNIy\\' + "x", max_size=300) | any_text)
+@example(text="[" * 5000)
+@example(text='{"a": ' + "9" * 5000 + "}")
+def test_parse_json_on_any_text_returns_or_raises_value_error(text):
+    try:
+        parse_json(text)
+    except ValueError:
+        pass
+
+
+def _rehash(ckpt: Path, name: str) -> None:
+    """Record the new sha256 of ``name`` in config.json, as a forger would."""
+    config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    config["files"][name] = hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
+    (ckpt / "config.json").write_text(json.dumps(config), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory) -> tuple[Path, Path]:
+    """A real 'last' checkpoint of a tiny run, and its corpus."""
+    root = tmp_path_factory.mktemp("resumable")
+    corpus = root / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    result = train(tiny_train_config(corpus, root / "run", max_iters=4, eval_interval=4), tiny_model_config(hidden_size=8))
+    return result.last, corpus
+
+
+state_keys = st.sampled_from(
+    ["step", "epoch", "index", "elapsed", "best_val_loss", "evals_without_improvement", "hidden_parts", "param_groups"]
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(state_keys, json_values, min_size=1, max_size=3))
+def test_resuming_from_any_rehashed_training_state_is_a_checkpoint_error(resumable, tmp_path, changes):
+    # A checksum recorded in config.json proves nothing: the values themselves are checked.
+    last, corpus = resumable
+    with tempfile.TemporaryDirectory(dir=tmp_path) as tmp:
+        ckpt = Path(shutil.copytree(last, Path(tmp) / "last"))
+        state = json.loads((ckpt / "training_state.json").read_text(encoding="utf-8"))
+        state.update(changes)
+        (ckpt / "training_state.json").write_text(json.dumps(state), encoding="utf-8")
+        _rehash(ckpt, "training_state.json")
+        config = tiny_train_config(corpus, Path(tmp) / "out", max_iters=6, resume=str(ckpt))
+        try:
+            Trainer(config, tiny_model_config(hidden_size=8), callbacks=[]).run()
+        except (CheckpointError, ConfigError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def session_file(resumable, tmp_path_factory) -> tuple[Sampler, bytes]:
+    sampler = charrnn.load(resumable[0], device="cpu")
+    session = sampler.chat(seed=1, template=ChatTemplate())
+    session.send("ROMEO:")
+    path = session.save(tmp_path_factory.mktemp("session") / "chat.session")
+    return sampler, path.read_bytes()
+
+
+def _session_with_metadata(data: bytes, change) -> bytes:
+    """The session file with its JSON metadata changed, its tensors (and their checksum) kept."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    meta = json.loads(header["__metadata__"]["charrnn_chat"])
+    change(meta)
+    header["__metadata__"]["charrnn_chat"] = json.dumps(meta)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + header_len :]
+
+
+@FAST
+@given(key=st.sampled_from(["seed", "options", "template", "preamble", "tail", "turns", "version", "format"]), value=json_values)
+def test_loading_a_session_with_any_metadata_value_is_a_session_error(session_file, tmp_path_factory, key, value):
+    sampler, data = session_file
+    path = tmp_path_factory.mktemp("s") / "chat.session"
+    path.write_bytes(_session_with_metadata(data, lambda meta: meta.__setitem__(key, value)))
+    try:
+        ChatSession.load(sampler, path)
+    except SessionFileError:
+        pass
+
+
+@FAST
+@given(how=damage)
+def test_loading_any_damaged_session_file_is_a_session_error(session_file, tmp_path_factory, how):
+    sampler, data = session_file
+    path = tmp_path_factory.mktemp("s") / "chat.session"
+    path.write_bytes(_apply(data, how))
+    try:
+        ChatSession.load(sampler, path)
+    except SessionFileError:
+        pass
+
+
+@FAST
+@given(vocab=st.one_of(json_values, st.dictionaries(st.text(max_size=3), json_values, max_size=6)), kind=json_values)
+def test_any_tokenizer_json_loads_or_is_a_value_error(vocab, kind):
+    raw = json.dumps({"model": {"type": "WordLevel" if kind is None else kind, "vocab": vocab}}).encode()
+    try:
+        CharTokenizer.load_bytes(raw)
+    except ValueError:
         pass

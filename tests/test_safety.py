@@ -306,7 +306,7 @@ def test_a_full_disk_during_training_stops_with_a_clear_error_and_a_loadable_che
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     resumed = Trainer(tiny_train_config(corpus_file, tmp_path / "run", resume=str(tmp_path / "run" / "last")))
-    monkeypatch.setattr(callbacks_module, "open", full_disk_open, raising=False)  # the metrics log's writes
+    monkeypatch.setattr(callbacks_module, "open_append", full_disk_open)  # the metrics log's writes
     with pytest.raises(TrainingError, match=r"could not write .*metrics.jsonl: No space left on device"):
         resumed.run()
 

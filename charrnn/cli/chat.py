@@ -119,6 +119,8 @@ class Terminal:
         except EOFError:
             print(flush=True)
             return None
+        except UnicodeDecodeError:  # the rest of the stream cannot be trusted to line up: end, as a file would
+            raise ConfigError("cannot read standard input: it is not UTF-8 text") from None
         if self.echo:
             print(line, flush=True)
         return line
@@ -211,6 +213,7 @@ def run(argv: list[str], prog: str = "charrnn-chat") -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        seed=args.seed,
         stop=tuple(unescape(s) for s in args.stop) or None,
     )
     options = {k: v for k, v in vars(config).items() if k != "seed" and (k != "stop" or args.stop)}

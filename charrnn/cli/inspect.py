@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import read_text_file
+from .._io import atomic_write, read_text_file
 from ..apps.hidden_states import DEFAULT_TOP, MAX_TEXT_CHARS, compile_pattern, inspect_text, render_html
 from ..checkpoint import find_latest_checkpoint, load_checkpoint
 from ..device import resolve_device
@@ -88,7 +88,8 @@ def run(argv: list[str], prog: str = "charrnn-inspect") -> int:
     out = Path(args.out).expanduser()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(page, encoding="utf-8")
+        with atomic_write(out, "w", encoding="utf-8") as f:  # a failed write leaves an existing page as it was
+            f.write(page)
     except OSError as exc:
         raise ConfigError(f"cannot write --out {out}: {exc.strerror or exc}") from None
     for view in result.units:

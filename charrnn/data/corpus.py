@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from .._io import atomic_write, sha256_file
+from .._io import atomic_write, open_regular, sha256_file
 from ..errors import CorpusError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -66,7 +66,8 @@ def _single_file(spec: str) -> Path | None:
     if spec == "shakespeare":
         return shakespeare_path()
     path = Path(spec).expanduser()
-    return path if path.is_file() else None
+    # Anything there but a folder is read as a file, so a FIFO or a device gets its own sentence.
+    return path if path.exists() and not path.is_dir() else None
 
 
 def corpus_files(spec: str) -> list[Path]:
@@ -149,10 +150,10 @@ def _looks_binary(data: bytes) -> bool:
 
 def _head(path: Path) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return f.read(65536)
     except OSError as exc:
-        raise CorpusError(f"cannot read {path}: {exc.strerror}; fix its permissions or remove it") from None
+        raise CorpusError(f"cannot read {path}: {exc.strerror or exc}; give a readable text file") from None
 
 
 def _iter_file(path: Path, allow_empty: bool = False) -> Iterator[str]:
@@ -162,9 +163,12 @@ def _iter_file(path: Path, allow_empty: bool = False) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, lines, empty = 0, 1, True
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            # Read what the file held when opened: one that grows as we read (a log) still ends.
+            left = os.fstat(f.fileno()).st_size
             while True:
-                data = f.read(CHUNK_BYTES)
+                data = f.read(min(CHUNK_BYTES, left))
+                left -= len(data)
                 final = not data
                 try:
                     text = decoder.decode(data, final=final)
@@ -184,7 +188,7 @@ def _iter_file(path: Path, allow_empty: bool = False) -> Iterator[str]:
                 if final:
                     break
     except OSError as exc:
-        raise CorpusError(f"cannot read {path}: {exc.strerror}") from None
+        raise CorpusError(f"cannot read {path}: {exc.strerror or exc}") from None
     if empty and not allow_empty:
         raise CorpusError(f"{path} is empty: give a corpus with some text in it")
 

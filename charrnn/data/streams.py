@@ -58,7 +58,8 @@ class BatchStreams:
     def _offset(self, epoch: int) -> int:
         if epoch == 0:
             return 0
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # Kept to 64 bits: a large seed (up to 2**63 - 1) must not overflow at the first epoch boundary.
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (1 << 64))
         return int(torch.randint(self.seq_len, (1,), generator=g))
 
     def _row_length(self, epoch: int) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .._io import atomic_write
+from .._io import atomic_write, open_regular, read_json
 from ..errors import CorpusError
 from ..tokenizer import CharTokenizer, is_surrogate
 from .corpus import corpus_files, data_dir, iter_hf_dataset, read_files
@@ -32,6 +32,7 @@ CACHE_VERSION = 1
 TOKENS_FILE = "tokens.bin"
 VOCAB_FILE = "tokenizer.json"
 META_FILE = "meta.json"
+_TOKEN_DTYPES = ("uint8", "uint16", "uint32")
 _BAR_MIN_BYTES = 32 << 20  # smaller corpora encode in a blink: no progress bar
 
 
@@ -154,12 +155,28 @@ def corpus_tokens(
 
 
 def _open_cache(folder: Path, key: str) -> tuple[np.ndarray, CharTokenizer] | None:
+    """The cached tokens and vocabulary, or None when the cache is missing, stale or damaged.
+
+    A damaged cache is encoded again, never trusted: the metadata is type-checked, the
+    file must be a regular one of exactly the recorded length, and every id must be in
+    the vocabulary (one flipped byte would otherwise be an IndexError in every later run).
+    """
     try:
-        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-        if meta.get("key") != key:
+        meta = read_json(folder / META_FILE)
+        if not isinstance(meta, dict) or meta.get("key") != key:
             return None
+        n_tokens, dtype = meta["n_tokens"], np.dtype(meta["dtype"])
+        if type(n_tokens) is not int or n_tokens < 0 or dtype.name not in _TOKEN_DTYPES:
+            raise ValueError("bad metadata")
         tokenizer = CharTokenizer.load(folder / VOCAB_FILE)
-        tokens = np.memmap(folder / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["n_tokens"],))
-    except (OSError, ValueError, KeyError, TypeError):
+        with open_regular(folder / TOKENS_FILE) as f:
+            if os.fstat(f.fileno()).st_size != n_tokens * dtype.itemsize:
+                raise ValueError("wrong length")
+        tokens = np.memmap(folder / TOKENS_FILE, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
+        if n_tokens and int(tokens.max()) >= tokenizer.vocab_size:
+            raise ValueError("an id outside the vocabulary")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if (folder / META_FILE).exists():
+            print(f"note: the token cache in {folder} is damaged ({exc}); encoding the corpus again", file=sys.stderr)
         return None  # missing or damaged: encode again
     return tokens, tokenizer

@@ -30,9 +30,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from .._io import atomic_write
+from .._io import atomic_write, parse_json, read_bytes
 from .._version import __version__
-from ..config import SampleConfig
+from ..config import SampleConfig, check_seed
 from ..errors import CharRNNError, ConfigError, PromptError, SessionFileError
 from .processors import new_generator
 from .stepper import Context
@@ -163,8 +163,7 @@ class ChatSession:
             raise ConfigError(f"template must be a ChatTemplate or None, got {template!r}")
         if not isinstance(preamble, str):
             raise ConfigError(f"preamble must be a string, got {preamble!r}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ConfigError(f"seed must be an integer or None, got {seed!r}")
+        check_seed(seed, "seed")
         self.sampler = sampler
         self.template = template
         self.preamble = preamble
@@ -367,25 +366,20 @@ class ChatSession:
 def _read_session_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The JSON metadata and the tensors of a session file; any damage is a SessionFileError."""
     try:
-        size = path.stat().st_size
-        if size > MAX_SESSION_FILE_BYTES:
-            raise SessionFileError(f"{path} is {size:,} bytes: too large to be a charrnn chat session")
-        data = path.read_bytes()
+        data = read_bytes(path, MAX_SESSION_FILE_BYTES)
     except FileNotFoundError:
         raise SessionFileError(f"{path} not found: give the file a session was saved to") from None
-    except IsADirectoryError:
-        raise SessionFileError(f"{path} is a directory, not a saved chat session") from None
     except OSError as exc:
-        raise SessionFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise SessionFileError(f"cannot read {path}: {exc.strerror or exc}; give the file a session was saved to") from None
     not_ours = f"{path} is not a charrnn chat session (or it is damaged)"
     # safetensors layout: u64 little-endian header length, then the JSON header.
     if len(data) < 8:
         raise SessionFileError(not_ours)
     (header_len,) = struct.unpack("<Q", data[:8])
     try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8")) if 8 + header_len <= len(data) else None
-        meta = json.loads(header["__metadata__"][_METADATA_KEY])
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
+        header = parse_json(data[8 : 8 + header_len]) if 8 + header_len <= len(data) else None
+        meta = parse_json(header["__metadata__"][_METADATA_KEY])
+    except (ValueError, RecursionError, KeyError, TypeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise SessionFileError(not_ours) from None
     if not isinstance(meta, dict) or meta.get("format") != SESSION_FORMAT:
         raise SessionFileError(not_ours)

@@ -61,7 +61,8 @@ def sample_steps(
     token j, so a caller can stop after any of them. Without ``every_state`` only the
     state after the last token need be kept.
     """
-    return stepper.sample(logits, hidden, uniforms, config.temperature, config.top_k, config.top_p, every_state)
+    top_k = min(config.top_k, logits.size(-1))  # k past the vocabulary keeps all; a huge k must not overflow int64
+    return stepper.sample(logits, hidden, uniforms, config.temperature, top_k, config.top_p, every_state)
 
 
 class _Run:

@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
+from .._io import atomic_write, open_append, parse_json
 from ..config import TrainConfig
 from ..errors import TrainingError
 from ..evaluation import LN2
 from ..model import CharRNN
 from ..tokenizer import CharTokenizer
-from .plot import METRICS_FILE, plot_run
+from .plot import METRICS_FILE, plot_run, read_metrics_lines
 
 if TYPE_CHECKING:
     from .trainer import Trainer, TrainResult
@@ -84,18 +85,22 @@ class MetricsLog(Callback):
         if not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        try:
+            for line in read_metrics_lines(self.path):
+                try:
+                    record = parse_json(line)
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step:
+                    kept.append(line)
+            with atomic_write(self.path, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in kept))
+        except OSError as exc:
+            raise TrainingError(f"cannot rewrite {self.path} for the resumed run: {exc.strerror or exc}") from None
 
     def _log(self, trainer: Trainer, record: dict[str, Any]) -> None:
         try:
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open_append(self.path) as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as exc:
             raise TrainingError(

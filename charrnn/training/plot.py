@@ -14,17 +14,28 @@ and needs no display.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write
+from .._io import atomic_write, parse_json, read_bytes
 from ..errors import MetricsError
 
 METRICS_FILE = "metrics.jsonl"
+MAX_METRICS_BYTES = 1 << 30  # a line per step: millions of steps fit
+
+
+def read_metrics_lines(path: Path) -> list[str]:
+    """The lines of a run's ``metrics.jsonl`` (a regular file, read with a bound; ``OSError`` otherwise).
+
+    Undecodable bytes become U+FFFD: such a line fails to parse and is skipped, as a
+    line cut off by a killed process is.
+    """
+    return read_bytes(path, MAX_METRICS_BYTES).decode("utf-8", errors="replace").splitlines()
+
+
 PLOT_FILE = "training.png"
 LN2 = math.log(2)
 
@@ -57,7 +68,7 @@ def read_metrics(run_dir: str | Path) -> Metrics:
     if not run_dir.is_dir():
         raise MetricsError(f"{run_dir} is not a directory: pass a training run's folder, which holds {METRICS_FILE}")
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = read_metrics_lines(path)
     except FileNotFoundError:
         raise MetricsError(
             f"{run_dir} holds no {METRICS_FILE}: it is not a training run's folder, or the run stopped before its first step"
@@ -67,8 +78,8 @@ def read_metrics(run_dir: str | Path) -> Metrics:
     metrics = Metrics()
     for line in lines:
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = parse_json(line)
+        except (ValueError, RecursionError):
             continue
         if not isinstance(record, dict):
             continue

@@ -27,6 +27,7 @@ A setting the user gives always wins; the others are chosen around it.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, TrainConfig
 from ..device import autocast
+from ..errors import ConfigError
 from ..model import CharRNN
 
 # (hidden size, layers), smallest first: the sizes the study measured.
@@ -83,6 +85,46 @@ def step_weights(hidden: int, layers: int, embedding: int, vocab: int, cell: str
 def flops_per_char(model: ModelConfig) -> float:
     """Training cost of one character: 2 FLOPs per weight forward, 4 backward."""
     return 6.0 * step_weights(model.hidden_size, model.n_layers, model.embedding_size, model.vocab_size, model.cell)
+
+
+def training_bytes(model: ModelConfig, batch: int, seq: int) -> int:
+    """About how much memory training ``model`` on ``batch`` x ``seq`` steps takes.
+
+    fp32 weights, gradients and two AdamW moments (16 bytes a parameter), plus what one
+    step keeps for its backward pass: each layer's gate pre-activations and states, the
+    embedding and three copies of the logits (logits, softmax, gradient) per character.
+    """
+    gates = _GATES[model.cell]
+    params = step_weights(model.hidden_size, model.n_layers, model.embedding_size, model.vocab_size, model.cell)
+    params += model.vocab_size * model.embedding_size
+    per_char = model.n_layers * (gates + 3) * model.hidden_size + model.embedding_size + 3 * model.vocab_size
+    return 16 * params + 4 * batch * seq * per_char
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """The memory a run on ``device`` can use at most: the GPU's, else the machine's RAM (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not every platform reports it
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n < 2**40 else f"{n / 2**40:,.1f} TiB"
+
+
+def check_memory(model: ModelConfig, batch: int, seq: int, device: torch.device) -> None:
+    """Refuse (``ConfigError``, with the estimate) a model or batch that cannot fit on ``device``."""
+    need, have = training_bytes(model, batch, seq), device_memory_bytes(device)
+    if have is not None and need > have:
+        raise ConfigError(
+            f"a {model.cell} {model.n_layers:,}x{model.hidden_size:,} (embedding {model.embedding_size:,}) trained on "
+            f"{batch:,}x{seq:,} batches needs about {_gib(need)} of memory (weights, gradients, AdamW moments, "
+            f"activations), but this {device.type} has {_gib(have)}: choose a smaller --hidden-size, --n-layers, "
+            "--embedding-size, --batch-size or --seq-len"
+        )
 
 
 def learning_rate_for(hidden: int) -> float:
@@ -168,6 +210,10 @@ def plan_run(
     step_chars = config.max_iters * chars_per_step if config.max_iters else math.inf  # what --max-iters allows
     sizes_auto = model.hidden_size is None or model.n_layers is None
     probe_seconds, speed = 0.0, None
+    smallest = CANDIDATES[0]  # a size left at auto is at least this: fixed sizes are checked before anything is built
+    check_memory(
+        replace(model, hidden_size=model.hidden_size or smallest[0], n_layers=model.n_layers or smallest[1]), batch, seq, device
+    )
     start = time.perf_counter()
 
     probe = bool(config.max_time) and (

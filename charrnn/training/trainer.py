@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .._io import FolderBusyError, folder_lock
+from ..checkpoint import Checkpoint, check_replaceable, load_checkpoint, save_checkpoint
 from ..config import ModelConfig, TrainConfig
 from ..data.corpus import corpus_name
 from ..data.streams import BatchStreams, StreamPosition, split_tokens
@@ -166,6 +167,26 @@ def fine_tune_model_config(model_config: ModelConfig, base: Checkpoint, explicit
 def _unknown_count(tokens: Any) -> int:
     """How many tokens are ``<unk>`` (id 0), counted a few MB at a time (the tokens may be a huge memory map)."""
     return sum(int((tokens[i : i + (1 << 24)] == 0).sum()) for i in range(0, len(tokens), 1 << 24))
+
+
+def _check_training_state(state: dict[str, Any]) -> None:
+    """Range- and type-check the saved counters before use (``ValueError``/``KeyError`` naming the bad one).
+
+    A checksum recorded in the unchecked config.json proves nothing, so the values are checked too.
+    """
+    for name in ("step", "epoch", "index", "evals_without_improvement", "hidden_parts"):
+        value = state[name]
+        if type(value) is not int or value < 0:
+            raise ValueError(f"{name} = {value!r} is not a count")
+    if state["hidden_parts"] > 2:
+        raise ValueError(f"hidden_parts = {state['hidden_parts']} (an LSTM has 2)")
+    elapsed, best = state["elapsed"], state["best_val_loss"]
+    if not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool) or not 0 <= elapsed < math.inf:
+        raise ValueError(f"elapsed = {elapsed!r} is not a time")
+    if best is not None and (not isinstance(best, (int, float)) or isinstance(best, bool) or not 0 <= best < math.inf):
+        raise ValueError(f"best_val_loss = {best!r} is not a loss")
+    if not isinstance(state["param_groups"], list):
+        raise ValueError("param_groups is not a list")
 
 
 def _warn(text: str) -> None:
@@ -381,6 +402,7 @@ class Trainer:
     def _restore(self, saved: Checkpoint) -> None:
         state, tensors = saved.state, saved.state_tensors
         try:
+            _check_training_state(state)
             self.model.load_state_dict(saved.model.state_dict())
             optim_state: dict[int, dict[str, torch.Tensor]] = {}
             for key, value in tensors.items():
@@ -395,6 +417,9 @@ class Trainer:
             if "rng.cuda" in tensors and self.device.type == "cuda":
                 torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
             parts = [tensors[f"hidden.{i}"].to(self.device) for i in range(state["hidden_parts"])]
+            layers, width = self.model_config.n_layers, self.model_config.hidden_size
+            if any(p.dim() != 3 or (p.size(0), p.size(2)) != (layers, width) or not p.is_floating_point() for p in parts):
+                raise ValueError(f"saved hidden state does not fit a {layers}x{width} model")
             rows = self.streams.rows
             if parts and parts[0].size(1) == self.streams.batch_size:  # same global layout
                 parts = [p[:, rows] for p in parts]
@@ -558,21 +583,45 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train until a budget, a signal or early stopping ends the run; save and report."""
-        if self.dist.is_main:
+        with self._run_dir_lock():
+            self.model.train()
+            stop_signal = StopSignal()
             try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot create the run directory {self.run_dir}: {exc.strerror or exc}; choose another --out"
-                ) from None
-        self.model.train()
-        stop_signal = StopSignal()
-        try:
-            result = self._loop(stop_signal)
-        finally:
-            trigger(self.callbacks, "on_close", self)
-        self.dist.barrier()  # nobody leaves while rank 0 still writes
+                result = self._loop(stop_signal)
+            finally:
+                trigger(self.callbacks, "on_close", self)
+            self.dist.barrier()  # nobody leaves while rank 0 still writes
         return result
+
+    @contextmanager
+    def _run_dir_lock(self) -> Iterator[None]:
+        """Rank 0 creates the run directory and holds its lock: one training writes into a run at a time.
+
+        The lock is the kernel's (``flock``), so a run killed with SIGKILL leaves none behind.
+        """
+        with ExitStack() as held:
+            if self.dist.is_main:
+                try:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot create the run directory {self.run_dir}: {exc.strerror or exc}; choose another --out"
+                    ) from None
+                try:
+                    held.enter_context(folder_lock(self.run_dir))
+                except FolderBusyError as exc:
+                    raise ConfigError(
+                        f"{self.run_dir} is being written by another training ({exc.strerror}): wait for it to end, "
+                        "or choose another --out"
+                    ) from None
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot write to the run directory {self.run_dir}: {exc.strerror or exc}; make it writable "
+                        "or choose another --out"
+                    ) from None
+                for name in ("best", "last"):  # refused now, not after the training it would cost
+                    check_replaceable(self.run_dir / name)
+            yield
 
     def _loop(self, stop_signal: StopSignal) -> TrainResult:
         c, reason = self.config, None
