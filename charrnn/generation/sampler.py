@@ -346,7 +346,7 @@ class Sampler:
         streams: int = 16,
         dynamic: bool = False,
         dynamic_lr: float = DYNAMIC_LR,
-        what: str = "the text",
+        what: str = "the prompt",
     ) -> float:
         """Mean nats per character of predicting each character of ``text`` from those before it.
 
