@@ -9,12 +9,15 @@ described in the README ("How it is built").
 """
 
 from ._version import __version__
+from .apps.publish import push_to_hub
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .errors import (
     CharRNNError,
     CheckpointError,
     ConfigError,
     CorpusError,
+    ExportError,
+    HubError,
     MetricsError,
     PromptError,
     SessionFileError,
@@ -36,6 +39,8 @@ __all__ = [
     "Context",
     "Continuation",
     "CorpusError",
+    "ExportError",
+    "HubError",
     "MetricsError",
     "ModelConfig",
     "PromptError",
@@ -46,4 +51,5 @@ __all__ = [
     "TrainingError",
     "__version__",
     "load",
+    "push_to_hub",
 ]

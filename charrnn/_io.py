@@ -264,6 +264,12 @@ def read_text_file(path: str | Path, what: str, max_chars: int, error: type[Char
         raise error(f"cannot read {what}: {exc.strerror or exc}") from None
 
 
+def user_cache_dir() -> Path:
+    """charrnn's folder in the user's cache (``$XDG_CACHE_HOME/charrnn``, by default ``~/.cache/charrnn``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "charrnn"
+
+
 class FolderBusyError(OSError):
     """Another live process holds the folder's lock (``strerror`` names it)."""
 

@@ -38,6 +38,7 @@ from ._io import MAX_JSON_BYTES, fsync_dir, parse_json, read_bytes, write_file
 from ._version import __version__
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
+from .hub import download_checkpoint, is_hub_name
 from .model import CharRNN
 from .tokenizer import CharTokenizer
 
@@ -167,7 +168,12 @@ def resolve_checkpoint(path: str | Path, names: tuple[str, ...] = ("best", "last
     Sampling takes a run's ``best``, else its ``last``; resuming takes its ``last``
     (``names=("last",)``), the one with training state. If a save was interrupted between
     its two renames, the intact previous copy (``.NAME.old``) is used.
+    ``hf:OWNER/NAME[@REVISION]`` is a checkpoint on the Hugging Face Hub: this is the one
+    place such a name becomes a folder (the Hub cache's copy, downloaded first if need be),
+    which is then checked like any other.
     """
+    if is_hub_name(str(path)):
+        path = download_checkpoint(str(path))
     path = Path(path).expanduser()
     if (path / CONFIG_FILE).exists():
         return path

@@ -20,6 +20,8 @@ from .errors import ConfigError
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16")
+NEW_CHARS = ("grow", "unk")  # what a fine-tuned run does with characters its model never saw
+LOGGERS = ("none", "tensorboard")
 MAX_SEED = (1 << 63) - 1  # torch.Generator takes 64 bits; 63 leave room for the per-process offsets
 
 
@@ -132,6 +134,21 @@ class TrainConfig:
     )
     out: str | None = field(default=None, metadata=_help("run directory (default: checkpoints/<data>-<time>)"))
     resume: str | None = field(default=None, metadata=_help("continue training from this checkpoint (a run's 'last' directory)"))
+    init_from: str | None = field(
+        default=None,
+        metadata=_help(
+            "fine-tune: start a new run from this checkpoint's weights and vocabulary (a run, its best/last, or "
+            "hf:OWNER/NAME), with a fresh optimizer, schedule and step count; the model shape comes from it"
+        ),
+    )
+    new_chars: str = field(
+        default="grow",
+        metadata=_help(
+            "with --init-from, characters of the corpus the model never saw: grow gives each new embedding and "
+            "output rows, unk reads them as <unk>",
+            choices=NEW_CHARS,
+        ),
+    )
     seq_len: int | None = field(default=None, metadata=_help("characters per truncated-BPTT chunk (auto: 64)", auto=True))
     batch_size: int | None = field(
         default=None,
@@ -177,6 +194,13 @@ class TrainConfig:
         default="auto",
         metadata=_help("training precision: auto uses bfloat16 autocast where the hardware has it", choices=DTYPES),
     )
+    log: str = field(
+        default="none",
+        metadata=_help(
+            "also log the run live: tensorboard writes step loss, lr, val loss, throughput and samples to RUN/tensorboard",
+            choices=LOGGERS,
+        ),
+    )
     plot: bool = field(default=True, metadata=_help("draw the loss curves to RUN/training.png at the end (needs matplotlib)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar", cli=False))
 
@@ -213,6 +237,12 @@ class TrainConfig:
         check_seed(self.seed)
         _check(self.device in DEVICES, f"unknown --device {self.device!r}: choose one of {', '.join(DEVICES)}")
         _check(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        _check(self.new_chars in NEW_CHARS, f"unknown --new-chars {self.new_chars!r}: choose one of {', '.join(NEW_CHARS)}")
+        _check(self.log in LOGGERS, f"unknown --log {self.log!r}: choose one of {', '.join(LOGGERS)}")
+        _check(
+            not (self.resume and self.init_from),
+            "--resume continues a run and --init-from starts a new one from a trained model: give one of them",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

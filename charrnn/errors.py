@@ -45,3 +45,11 @@ class PeerLostError(TrainingError):
     """
 
     exit_code = 1
+
+
+class ExportError(CharRNNError):
+    """A model cannot be exported (a missing package, an unwritable folder)."""
+
+
+class HubError(CheckpointError):
+    """The Hugging Face Hub cannot give or take a model (offline, unknown repository, no permission)."""

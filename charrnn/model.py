@@ -90,3 +90,28 @@ def detach_hidden(hidden: Hidden) -> Hidden:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def load_grown(model: CharRNN, source: CharRNN) -> None:
+    """Copy ``source``'s weights into ``model``, whose vocabulary extends ``source``'s (fine-tuning).
+
+    Ids below ``source``'s vocabulary size keep their rows. A new character keeps the
+    embedding row ``model`` was initialised with (a fresh random vector, as any character
+    starts), and its output row starts as a copy of ``<unk>``'s (id 0): the model's learnt
+    logit for "a character it never saw", so a new character starts as unlikely as that
+    and the known characters' probabilities are barely disturbed on the first step.
+    """
+    old, new = source.config.vocab_size, model.config.vocab_size
+    if new < old:
+        raise ValueError(f"the vocabulary can only grow: {old} -> {new}")
+    weights = source.state_dict()
+    target = model.state_dict()
+    for name, value in weights.items():
+        if name == "embedding.weight":
+            target[name][:old] = value
+        elif name in ("head.weight", "head.bias"):
+            target[name][:old] = value
+            target[name][old:] = value[0]
+        else:
+            target[name].copy_(value)

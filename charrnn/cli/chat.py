@@ -11,8 +11,10 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from .._io import read_text_file
+from .._io import read_text_file, user_cache_dir
 from ..config import SampleConfig
 from ..errors import CharRNNError, ConfigError
 from ..generation.chat import ChatSession, ChatTemplate
@@ -60,12 +62,52 @@ def _label(prefix: str, fallback: str) -> str:
     return prefix.strip() or fallback
 
 
+HISTORY_FILE = "chat_history"
+HISTORY_LENGTH = 1000
+
+
+class LineEditing:
+    """Arrow keys, line editing and a history kept between chats, for ``input()`` on a terminal.
+
+    The standard library's ``readline`` (GNU readline or libedit) does the editing once it
+    is imported; this loads the history from the user's cache folder
+    (``~/.cache/charrnn/chat_history``) and writes it back when the chat ends. Piped input
+    and platforms without ``readline`` get plain ``input()``.
+    """
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or user_cache_dir() / HISTORY_FILE
+        self.readline: Any = None
+        if not sys.stdin.isatty():
+            return
+        try:
+            import readline
+        except ImportError:  # e.g. Windows without pyreadline: typing still works, without history
+            return
+        self.readline = readline
+        readline.set_history_length(HISTORY_LENGTH)
+        try:
+            readline.read_history_file(self.path)
+        except OSError:  # no history yet, or an unreadable one: start afresh
+            pass
+
+    def save(self) -> None:
+        if self.readline is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.readline.write_history_file(self.path)
+        except OSError as exc:  # a history is a convenience: say so, never fail the chat's end
+            print(f"note: chat history not saved to {self.path}: {exc.strerror or exc}", file=sys.stderr)
+
+
 class Terminal:
     """The chat loop's input and output: a transcript on stdout, everything else on stderr."""
 
     def __init__(self, session: ChatSession):
         self.session = session
         self.echo = not sys.stdin.isatty()  # piped input: echo it, so stdout reads as a transcript
+        self.editing = LineEditing()
 
     def say(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -137,6 +179,12 @@ class Terminal:
         return True
 
     def loop(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.editing.save()
+
+    def _loop(self) -> None:
         while True:
             line = self.read_line()
             if line is None:

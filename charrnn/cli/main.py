@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from .._version import __version__
-from . import chat, inspect, plot, sample, score, serve, train
+from . import chat, export, inspect, plot, push, sample, score, serve, train
 from .options import EXIT_USER_ERROR, HelpFormatter
 
 COMMANDS: dict[str, ModuleType] = {
@@ -19,13 +19,15 @@ COMMANDS: dict[str, ModuleType] = {
     "inspect": inspect,
     "plot": plot,
     "score": score,
+    "export": export,
+    "push": push,
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="charrnn",
-        description="Character-level RNN language models: train, sample, chat, serve, inspect, plot, score.",
+        description="Character-level RNN language models: train, sample, chat, serve, inspect, plot, score, export, push.",
         formatter_class=HelpFormatter,
         epilog="Run 'charrnn COMMAND --help' for a command's options.",
     )

@@ -119,7 +119,9 @@ def run_cli(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int
 def add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
     """--checkpoint, shared by the commands that load a model."""
     parser.add_argument(
-        "--checkpoint", default=None, help="checkpoint or run directory (default: newest best under checkpoints/)"
+        "--checkpoint",
+        default=None,
+        help="checkpoint or run directory, or hf:OWNER/NAME[@REVISION] on the Hugging Face Hub (default: newest best under checkpoints/)",
     )
 
 

@@ -7,8 +7,10 @@ import itertools
 import sys
 from collections.abc import Sequence
 
+from .._io import read_text_file
 from ..config import SampleConfig
-from ..generation.sampler import load
+from ..errors import PromptError
+from ..generation.sampler import MAX_PROMPT_CHARS, load
 from ..tokenizer import is_surrogate
 from .options import add_fields, add_runtime_options, new_parser, run_cli
 
@@ -17,7 +19,11 @@ HELP = "generate text from a trained model"
 
 def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
     parser = new_parser(prog, "Generate text from a trained charrnn checkpoint; it streams as it is written.")
-    parser.add_argument("--prompt", default="", help="text to start from (printed, then continued)")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to start from (printed, then continued); - reads it from stdin")
+    prompt.add_argument(
+        "--prompt-file", default=None, help=f"start from the text of this UTF-8 file (at most {MAX_PROMPT_CHARS:,} characters)"
+    )
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest character (temperature 0)")
     parser.add_argument("--num-samples", type=int, default=1, help="samples to generate side by side")
     parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
@@ -31,6 +37,14 @@ def run(argv: list[str], prog: str = "sample.py") -> int:
     # Bytes of the command line that are not UTF-8 reach Python as lone surrogates, which no
     # stream can print: they become U+FFFD, as the model reads them (as <unk>) anyway.
     prompt = "".join("\ufffd" if is_surrogate(ch) else ch for ch in args.prompt)
+    source = args.prompt_file or ("-" if args.prompt == "-" else None)
+    if source is not None:  # long and multi-line primes, from a file or standard input
+        what = "--prompt - (standard input)" if source == "-" else f"--prompt-file {source}"
+        prompt = read_text_file(source, what, MAX_PROMPT_CHARS, PromptError, stdin=sys.stdin)
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise PromptError(
+                f"{what} has more than {MAX_PROMPT_CHARS:,} characters; a char-RNN remembers far less: pass the last part of it"
+            )
     config = SampleConfig(  # checked before the (slower) model load
         length=args.length,
         temperature=0.0 if args.greedy else args.temperature,

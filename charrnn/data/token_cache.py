@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .._io import atomic_write, open_regular, read_json
 from ..errors import CorpusError
-from ..tokenizer import CharTokenizer
+from ..tokenizer import CharTokenizer, is_surrogate
 from .corpus import corpus_files, data_dir, iter_hf_dataset, read_files
 
 CACHE_VERSION = 1
@@ -67,17 +67,34 @@ def count_characters(chunks: Iterable[str]) -> Counter:
     return Counter({chr(int(c)): int(counts[c]) for c in present})
 
 
+def grown_vocabulary(base: CharTokenizer, counts: Counter, max_vocab: int = 0) -> CharTokenizer:
+    """``base``'s characters with their ids unchanged, then the counted characters it lacks.
+
+    The old ids stay where they were, so a model's embedding and output rows keep their
+    meaning and the new characters get rows appended after them. With ``max_vocab``, the
+    most frequent new characters are added until the vocabulary holds that many; the rest
+    read as ``<unk>``.
+    """
+    new = sorted((c for c in counts if c not in base and not is_surrogate(c)), key=lambda c: (-counts[c], c))
+    if max_vocab:
+        new = new[: max(0, max_vocab - base.vocab_size)]
+    return CharTokenizer(base.chars[1:] + sorted(new))
+
+
 def corpus_tokens(
     spec: str,
     hf_split: str = "train",
     hf_column: str | None = None,
     tokenizer: CharTokenizer | None = None,
     max_vocab: int = 0,
+    grow_from: CharTokenizer | None = None,
 ) -> tuple[np.ndarray, CharTokenizer]:
     """The corpus as a read-only memory-mapped token array, and its vocabulary.
 
     With ``tokenizer`` (a resumed run), the corpus is encoded with that vocabulary;
-    otherwise the vocabulary is the corpus's own, cut to ``max_vocab`` characters if set.
+    with ``grow_from`` (a fine-tuned run), with that vocabulary followed by the corpus's
+    characters it lacks (see :func:`grown_vocabulary`); otherwise the vocabulary is the
+    corpus's own, cut to ``max_vocab`` characters if set.
     """
     # A local corpus is resolved once: a folder is scanned (and its binary files reported) once.
     hf = spec.startswith("hf:")
@@ -89,14 +106,21 @@ def corpus_tokens(
         return read_files(files, folder=Path(spec).expanduser().is_dir())
 
     source, total_bytes = _source_key(spec, hf_split, hf_column, files)
-    vocab = hashlib.sha256(tokenizer.to_hf().to_str().encode()).hexdigest() if tokenizer else max_vocab
+    if tokenizer is not None:
+        vocab: object = hashlib.sha256(tokenizer.to_hf().to_str().encode()).hexdigest()
+    elif grow_from is not None:
+        vocab = {"grow": hashlib.sha256(grow_from.to_hf().to_str().encode()).hexdigest(), "max": max_vocab}
+    else:
+        vocab = max_vocab
     key = json.dumps({"version": CACHE_VERSION, "source": source, "vocab": vocab}, sort_keys=True)
     folder = cache_folder(spec, hf_split, hf_column, files)
     cached = _open_cache(folder, key)
     if cached is not None:
         return cached
 
-    if tokenizer is None:
+    if tokenizer is None and grow_from is not None:
+        tokenizer = grown_vocabulary(grow_from, count_characters(chunks()), max_vocab)
+    elif tokenizer is None:
         tokenizer = CharTokenizer.from_counts(count_characters(chunks()), max_vocab)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META_FILE).unlink(missing_ok=True)  # the old cache is invalid from here on

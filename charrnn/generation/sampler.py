@@ -340,7 +340,13 @@ class Sampler:
         return [(self.tokenizer.decode((i,)), float(p)) for i, p in zip(ids.tolist(), values.tolist())]
 
     def score(
-        self, text: str, stepped: bool = False, streams: int = 16, dynamic: bool = False, dynamic_lr: float = DYNAMIC_LR
+        self,
+        text: str,
+        stepped: bool = False,
+        streams: int = 16,
+        dynamic: bool = False,
+        dynamic_lr: float = DYNAMIC_LR,
+        what: str = "the prompt",
     ) -> float:
         """Mean nats per character of predicting each character of ``text`` from those before it.
 
@@ -354,10 +360,13 @@ class Sampler:
         With ``dynamic``, a copy of the weights keeps learning from the text as it reads it
         (dynamic evaluation, see :func:`~charrnn.evaluation.dynamic_evaluate`; SGD at
         ``dynamic_lr``): a different figure, reported apart from the static one.
+        ``what`` names the text in an error (e.g. a file name).
         """
-        ids = self.encode_prompt(text, allow_empty=False).cpu().numpy()
+        ids = self.encode_prompt(text, allow_empty=False, what=what).cpu().numpy()
         if len(ids) < 2:
-            raise PromptError("score needs at least two characters: the first one has nothing to be predicted from")
+            raise PromptError(
+                f"{what} is too short to score: it needs at least two characters (the first has nothing to be predicted from)"
+            )
         if dynamic:
             return dynamic_evaluate(self.model, ids, self.device, lr=dynamic_lr)
         if not stepped:
@@ -399,6 +408,9 @@ def load(
     dtype: torch.dtype | str | None = None,
 ) -> Sampler:
     """Load a checkpoint (default: the newest best under ``checkpoints/``) as a :class:`Sampler`.
+
+    ``path`` is a run folder, its ``best`` / ``last``, or ``hf:OWNER/NAME[@REVISION]`` for a
+    model on the Hugging Face Hub (downloaded once into the Hub's cache, then found offline).
 
     ``dtype`` is the precision of a sampling step (see :meth:`Sampler.stepper`): None or
     "auto", or float32, bfloat16, int8 (as a torch dtype or its name).

@@ -8,7 +8,9 @@ writes to the terminal or to extra files hangs on a :class:`Callback`:
 - :class:`ConsoleReport` prints the run's first line, each evaluation, notes, and the end;
 - :class:`PreviewText` prints a sample after each evaluation, from a function it is given
   (the command line passes one from ``charrnn.generation``, which training does not import);
-- :class:`PlotAtEnd` draws ``RUN/training.png`` when the run ends.
+- :class:`PlotAtEnd` draws ``RUN/training.png`` when the run ends;
+- :class:`TensorBoardLog` (``--log tensorboard``) writes TensorBoard event files to
+  ``RUN/tensorboard/`` as the run goes, to watch it live.
 
 :func:`default_callbacks` is the set a run gets unless it is given its own.
 """
@@ -205,13 +207,79 @@ class PlotAtEnd(Callback):
             trainer.message(f"note: no training plot ({exc})")
 
 
+class TensorBoardLog(Callback):
+    """``RUN/tensorboard/``: TensorBoard event files, written as the run goes.
+
+    Scalars ``train/loss`` (nats/char) and ``train/lr`` every step, ``train/chars_per_second``
+    every ``EVERY`` steps (training time only, as ``--max-time`` counts it), ``val/loss``
+    (nats/char) and ``val/bpc`` at each evaluation, and a sample text (``sample``, when a
+    ``preview`` function is given and ``sample_chars`` > 0). The file is flushed after every
+    evaluation and every ``FLUSH_SECONDS``, so ``tensorboard --logdir RUN`` follows the run.
+    A resumed run drops the events the interrupted one logged after its checkpoint.
+    """
+
+    FOLDER = "tensorboard"
+    EVERY = 10
+    FLUSH_SECONDS = 5
+
+    def __init__(self, preview: PreviewFunction | None = None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TrainingError(
+                "--log tensorboard needs the tensorboard package: pip install 'charrnn[tensorboard]' (or pip install tensorboard)"
+            ) from None
+        self._writer_class = SummaryWriter
+        self.preview = preview
+        self.writer: Any = None
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.writer = self._writer_class(
+            log_dir=str(trainer.run_dir / self.FOLDER),
+            purge_step=trainer.step + 1 if trainer.step else None,  # on resume: events after the checkpoint are dropped
+            flush_secs=self.FLUSH_SECONDS,
+        )
+        self.window = (trainer.step, trainer.elapsed)
+
+    def on_step(self, trainer: Trainer, loss: float) -> None:
+        step = trainer.step
+        self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], step)
+        if step % self.EVERY == 0:
+            steps, seconds = step - self.window[0], trainer.elapsed - self.window[1]
+            if seconds > 0:
+                self.writer.add_scalar("train/chars_per_second", steps * trainer.chars_per_step / seconds, step)
+            self.window = (step, trainer.elapsed)
+
+    def on_evaluation(self, trainer: Trainer, val_loss: float, improved: bool) -> None:
+        self.writer.add_scalar("val/loss", val_loss, trainer.step)
+        self.writer.add_scalar("val/bpc", val_loss / LN2, trainer.step)
+
+    def on_checkpoint(self, trainer: Trainer, val_loss: float, improved: bool) -> None:
+        length = trainer.config.sample_chars
+        if self.preview is not None and length:
+            text = self.preview(trainer.model, trainer.tokenizer, trainer.device, length, trainer.config.seed)
+            trainer.model.train()  # sampling put it in eval mode
+            # TensorBoard shows text as Markdown: indented by four spaces, it is a code block, newlines kept.
+            self.writer.add_text("sample", "    " + text.replace("\n", "\n    "), trainer.step)
+        self.writer.flush()
+
+    def on_close(self, trainer: Trainer) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 def default_callbacks(config: TrainConfig, preview: PreviewFunction | None = None) -> list[Callback]:
     """What a run reports unless told otherwise: metrics, the bar (``config.progress``), the
-    console, a preview sample (when ``preview`` is given), the plot (``config.plot``).
+    console, a preview sample (when ``preview`` is given), the plot (``config.plot``), and
+    TensorBoard event files (``config.log == "tensorboard"``).
 
     Order matters at the end: the plot is drawn before the console names it.
     """
     callbacks: list[Callback] = [MetricsLog()]
+    if config.log == "tensorboard":
+        callbacks.append(TensorBoardLog(preview))
     if config.progress:
         callbacks.append(ProgressBar())  # first to end, so that the bar is gone before the last lines
     if config.plot:

@@ -36,13 +36,13 @@ from ..data.token_cache import corpus_tokens
 from ..device import autocast, resolve_device, resolve_dtype
 from ..errors import CharRNNError, CheckpointError, ConfigError, CorpusError, PeerLostError, TrainingError
 from ..evaluation import evaluate
-from ..model import CharRNN, Hidden, count_parameters, detach_hidden
+from ..model import CharRNN, Hidden, count_parameters, detach_hidden, load_grown
 from .callbacks import Callback, PreviewFunction, default_callbacks, trigger
 from .distributed import Distributed, peer_lost
 from .sizing import plan_run
 
 # Settings that may change when a run resumes (with a warning for the ones that matter).
-_QUIET_ON_RESUME = {"resume", "out", "device", "progress", "plot", "save_every"}
+_QUIET_ON_RESUME = {"resume", "out", "device", "progress", "plot", "log", "init_from", "new_chars", "save_every"}
 _SHAPE_FIELDS = {"cell", "n_layers", "hidden_size", "embedding_size"}
 # After a signal, how long the processes wait for each other to agree to stop and save. torchrun
 # SIGTERMs every worker when one dies, and kills them 30 s later: a dead or hung peer must not
@@ -145,9 +145,32 @@ def merge_resume_config(
             (notify or _warn)(f"warning: resuming with {name}={new!r}; the run was trained with {target.get(name)!r}")
         target[name] = new
     train_values["resume"] = config.resume
+    train_values["init_from"] = None  # a fine-tuned run took its start weights once; resuming goes on from its own
     if "out" not in explicit:  # the run goes on where its checkpoint is, even if it was moved since
         train_values["out"] = str(saved.path.parent)
     return TrainConfig(**train_values), ModelConfig(**model_values)
+
+
+def fine_tune_model_config(model_config: ModelConfig, base: Checkpoint, explicit: set[str]) -> ModelConfig:
+    """The model of a run fine-tuned from ``base``: its shape, with the dropout the user chose (or auto).
+
+    A shape flag the user set to another value than the checkpoint's is a ``ConfigError``:
+    the trained weights would not fit it.
+    """
+    saved = base.model.config
+    for name in sorted(explicit & _SHAPE_FIELDS):
+        value = getattr(model_config, name)
+        if value is not None and value != getattr(saved, name):
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {value} contradicts --init-from {base.path}, whose model has "
+                f"{getattr(saved, name)}: a fine-tuned run keeps the trained model's shape; drop the flag"
+            )
+    return replace(saved, dropout=model_config.dropout)
+
+
+def _unknown_count(tokens: Any) -> int:
+    """How many tokens are ``<unk>`` (id 0), counted a few MB at a time (the tokens may be a huge memory map)."""
+    return sum(int((tokens[i : i + (1 << 24)] == 0).sum()) for i in range(0, len(tokens), 1 << 24))
 
 
 def _check_training_state(state: dict[str, Any]) -> None:
@@ -214,7 +237,9 @@ def resume_after_restart(config: TrainConfig, dist: Distributed) -> tuple[TrainC
     # save) is not this run's, unless this job started from it.
     if job != dist.run_id and (resumed is None or last.resolve() != resumed.resolve()):
         return config, f"note: {attempt}: {last} was saved by another job, so training starts again {start}"
-    return replace(config, resume=str(last)), f"note: {attempt}: resuming from {last}, the run's last save"
+    # A fine-tuning run resumes from its own save too: --init-from only shaped its first attempt.
+    resumed_config = replace(config, resume=str(last), init_from=None)
+    return resumed_config, f"note: {attempt}: resuming from {last}, the run's last save"
 
 
 # --- signals ---------------------------------------------------------------------------------
@@ -269,15 +294,23 @@ class Trainer:
     ):
         model_config = model_config or ModelConfig()
         self.dist = Distributed.from_env()
-        saved, notes = None, []
+        saved, base, notes = None, None, []
         # A worker group that torchrun restarted goes on from the run's last save by itself.
         config, restart_note = resume_after_restart(config, self.dist)
         notes += [restart_note] if restart_note else []
+        if explicit is None:
+            explicit = _explicit_fields(config, model_config)
         if config.resume:
             saved = load_checkpoint(config.resume, with_training_state=True)
-            if explicit is None:
-                explicit = _explicit_fields(config, model_config)
             config, model_config = merge_resume_config(config, model_config, saved, explicit, notes.append)
+            self.init_source = saved.meta.get("init_from")
+        elif config.init_from:
+            # Fine-tuning: the trained model's weights and vocabulary, everything else new.
+            base = load_checkpoint(config.init_from)
+            model_config = fine_tune_model_config(model_config, base, explicit)
+            self.init_source = config.init_from
+        else:
+            self.init_source = None
         # The default set follows the settings the run goes on with (a resumed run's, once merged).
         callbacks = default_callbacks(config, preview) if callbacks is None else list(callbacks)
         self.callbacks = callbacks if self.dist.is_main else []  # only the main process reports
@@ -297,10 +330,14 @@ class Trainer:
                     config.data,
                     config.hf_split,
                     config.hf_column,
-                    tokenizer=saved.tokenizer if saved else None,
+                    tokenizer=saved.tokenizer if saved else (base.tokenizer if base and config.new_chars == "unk" else None),
                     max_vocab=config.max_vocab,
+                    grow_from=base.tokenizer if base and config.new_chars == "grow" else None,
                 )
             self.dist.barrier()
+        if base is not None and self.dist.is_main:
+            for note in self._vocabulary_notes(base, tokens):
+                self.message(note)
         self.train_tokens, self.val_tokens = split_tokens(tokens)
         if len(self.val_tokens) < 2:
             raise CorpusError(f"corpus {config.data!r} is too short for a validation split: it needs at least 20 characters")
@@ -332,6 +369,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model_config = ModelConfig(**{**model_config.to_dict(), "vocab_size": self.tokenizer.vocab_size})
         self.model = CharRNN(self.model_config).to(self.device)
+        if base is not None:
+            load_grown(self.model, base.model.to(self.device))
         if self.dist.rank:
             torch.manual_seed(config.seed + self.dist.rank)  # each process its own dropout masks
         # The model that trains: DDP averages the gradients over the processes.
@@ -373,6 +412,26 @@ class Trainer:
                 f"run folder ({saved.path.parent if saved else self.config.out}); put it on shared storage, or copy it "
                 "to the same path on each machine"
             )
+
+    def _vocabulary_notes(self, base: Checkpoint, tokens: Any) -> list[str]:
+        """What a fine-tuned run does with the new corpus's characters, for the user."""
+        old = base.tokenizer.vocab_size
+        if self.config.new_chars == "grow":
+            added = self.tokenizer.chars[old:]
+            if not added:
+                return []
+            return [
+                f"note: the vocabulary grows from {old} to {self.tokenizer.vocab_size} characters for "
+                f"{''.join(added[:20])!r}{' ...' if len(added) > 20 else ''}, with new embedding and output rows "
+                "(--new-chars unk reads them as <unk> instead)"
+            ]
+        unknown = _unknown_count(tokens)
+        if not unknown:
+            return []
+        return [
+            f"note: {unknown:,} characters of the corpus ({unknown / max(len(tokens), 1):.2%}) are not in the model's "
+            "vocabulary and read as <unk> (--new-chars unk); --new-chars grow gives them rows of their own"
+        ]
 
     def _default_run_dir(self, saved: Checkpoint | None) -> Path:
         if saved is not None:
@@ -501,6 +560,8 @@ class Trainer:
             "dtype": str(self.dtype).replace("torch.", ""),
             # Which torchrun job saved it: a restart resumes only from its own job's saves.
             **({"torchrun_job": self.dist.run_id} if self.dist.elastic else {}),
+            "elapsed": round(self.elapsed, 3),  # seconds of training steps so far (a model card reports it)
+            "init_from": self.init_source,
         }
 
     def checkpoint(self) -> None:
