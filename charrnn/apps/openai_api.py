@@ -246,7 +246,9 @@ class Job:
         return [(self.seed + i) & MAX_SEED for i in range(self.n)]
 
 
-def _common(request: dict[str, Any], fields: set[str], config: ServeConfig, tokenizer: CharTokenizer, length_names: tuple[str, ...]):
+def _common(
+    request: dict[str, Any], fields: set[str], config: ServeConfig, tokenizer: CharTokenizer, length_names: tuple[str, ...]
+):
     n = _int(request, "n", 1, config.max_n, 1)
     _refuse_unhonoured(request, n)
     warnings = []
@@ -276,7 +278,7 @@ def _common(request: dict[str, Any], fields: set[str], config: ServeConfig, toke
     include_usage = False
     if stream_options is not None:
         if not isinstance(stream_options, dict):
-            raise _bad("stream_options must be an object such as {\"include_usage\": true}", "stream_options")
+            raise _bad('stream_options must be an object such as {"include_usage": true}', "stream_options")
         include_usage = _bool(stream_options, "include_usage")
     return n, options, seed, stream, include_usage, warnings
 
@@ -307,7 +309,7 @@ def _content(message: dict[str, Any], where: str) -> str:
         texts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"{where}.content[{j}] must be a text part, {{\"type\": \"text\", \"text\": \"...\"}}", f"{where}.content")
+                raise _bad(f'{where}.content[{j}] must be a text part, {{"type": "text", "text": "..."}}', f"{where}.content")
             texts.append(part["text"])
         return "".join(texts)
     raise _bad(f"{where}.content must be a string or a list of text parts", f"{where}.content", "invalid_type")

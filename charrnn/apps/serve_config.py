@@ -39,7 +39,9 @@ class ServeConfig:
     max_length: int = field(default=2000, metadata=_help("most characters one reply may have (max_tokens above it: 400)"))
     default_length: int | None = field(
         default=None,
-        metadata=_help(f"characters of a reply when max_tokens is not given (default: {SAMPLE_DEFAULTS.length}, at most --max-length)"),
+        metadata=_help(
+            f"characters of a reply when max_tokens is not given (default: {SAMPLE_DEFAULTS.length}, at most --max-length)"
+        ),
     )
     max_n: int = field(default=4, metadata=_help("most choices (n) one request may ask for"))
     max_body_bytes: int = field(default=MIB, metadata=_help("largest request body accepted (413 above it)"))

@@ -59,7 +59,18 @@ from ..config import SAMPLE_DEFAULTS
 from ..errors import CharRNNError
 from ..generation.chat import ChatTemplate, model_fingerprint
 from ..generation.sampler import Context, Sampler
-from .openai_api import MAX_STOP_CHARS, MAX_STOPS, Answer, Job, RequestError, chat_job, completion_job, error_body, parse_body, sse
+from .openai_api import (
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    Answer,
+    Job,
+    RequestError,
+    chat_job,
+    completion_job,
+    error_body,
+    parse_body,
+    sse,
+)
 from .serve_config import ServeConfig
 from .state_cache import StateCache, piece_keys
 
@@ -265,7 +276,8 @@ class Server:
         except Exception as exc:  # never a dropped connection or a traceback to the client: one log line
             log.error("internal error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
             return json_response(
-                HTTPStatus.INTERNAL_SERVER_ERROR, error_body(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error: see the server log")
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                error_body(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error: see the server log"),
             )
 
     async def _not_found(self, request: Request) -> Response:
@@ -364,7 +376,9 @@ class Server:
     async def one_model(self, request: Request) -> Response:
         self._check_key(request)
         if request.path_params["model_id"] != self.model_id:
-            raise RequestError(HTTPStatus.NOT_FOUND, f"this server holds one model, {self.model_id!r}", "model", "model_not_found")
+            raise RequestError(
+                HTTPStatus.NOT_FOUND, f"this server holds one model, {self.model_id!r}", "model", "model_not_found"
+            )
         return json_response(HTTPStatus.OK, self._model_card())
 
     async def retired(self, request: Request) -> Response:
@@ -491,7 +505,9 @@ class Server:
             cancel.set()
         return json_response(HTTPStatus.OK, answer.body(texts, reasons))
 
-    async def _events(self, queue: asyncio.Queue, cancel: threading.Event, answer: Answer, deadline: float) -> AsyncIterator[bytes]:
+    async def _events(
+        self, queue: asyncio.Queue, cancel: threading.Event, answer: Answer, deadline: float
+    ) -> AsyncIterator[bytes]:
         """The stream: a first chunk per choice, the pieces (those waiting, joined into one chunk), the ends, [DONE]."""
         written, started = 0, set()
         try:

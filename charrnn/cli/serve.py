@@ -28,13 +28,15 @@ def build_parser(prog: str = "charrnn-serve") -> argparse.ArgumentParser:
     parser = new_parser(
         prog,
         "Serve a trained charrnn model over HTTP with the OpenAI protocol: GET /v1/models, POST /v1/completions, "
-        "POST /v1/chat/completions (streamed as server-sent events with \"stream\": true), GET /health, and a chat "
+        'POST /v1/chat/completions (streamed as server-sent events with "stream": true), GET /health, and a chat '
         "page at GET /. Needs the serve extra: pip install 'charrnn[serve]'.",
         "In the template options, \\n means a newline and \\t a tab.",
     )
     add_runtime_options(parser)
     add_fields(parser, ServeConfig, "server")
-    parser.add_argument("--cors-origin", action="append", default=[], help=ServeConfig.__dataclass_fields__["cors_origin"].metadata["help"])
+    parser.add_argument(
+        "--cors-origin", action="append", default=[], help=ServeConfig.__dataclass_fields__["cors_origin"].metadata["help"]
+    )
     group = parser.add_argument_group("chat template (how /v1/chat/completions writes messages into text)")
     group.add_argument("--user-prefix", default=_shown(defaults.user_prefix), help="written before each user message")
     group.add_argument("--bot-prefix", default=_shown(defaults.bot_prefix), help="written before each reply")
