@@ -85,30 +85,30 @@ def _shown(text: str) -> str:
 # --- bodies -----------------------------------------------------------------------------------
 
 
-def _no_surrogates(value: Any, where: str) -> None:
+def _no_surrogates(value: Any) -> None:
     """Refuse strings that UTF-8 cannot hold (lone surrogates from ``\\ud800`` escapes), keys included."""
-    stack = [(value, where)]
+    stack: list[tuple[Any, str]] = [(value, "")]
     while stack:
         item, at = stack.pop()
-        if isinstance(item, str):
-            texts = [item]
-        elif isinstance(item, dict):
-            texts = list(item)
-            stack.extend((v, f"{at}.{k}" if at else str(k)) for k, v in item.items())
+        if isinstance(item, dict):
+            for key, child in item.items():
+                path = f"{at}.{key}" if at else key
+                _encodable(key, path)
+                stack.append((child, path))
         elif isinstance(item, list):
-            texts = []
-            stack.extend((v, f"{at}[{i}]") for i, v in enumerate(item))
-        else:
-            continue
-        for text in texts:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise _bad(
-                    f"{ascii(at) if at else 'the body'} holds a lone surrogate ({_shown(text)}), which is not Unicode text: "
-                    "send valid UTF-8",
-                    at.encode("ascii", "backslashreplace").decode() or None,
-                ) from None
+            stack.extend((child, f"{at}[{i}]") for i, child in enumerate(item))
+        elif isinstance(item, str):
+            _encodable(item, at)
+
+
+def _encodable(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        param = path.encode("ascii", "backslashreplace").decode()  # the field's name, escaped: the answer stays valid
+        raise _bad(
+            f"{param} holds a lone surrogate ({_shown(text)}), which is not Unicode text: send valid UTF-8", param
+        ) from None
 
 
 def _depth(value: Any, limit: int) -> bool:
@@ -141,7 +141,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise _bad("the body must be a JSON object, not " + type(value).__name__, None)
     if _depth(value, MAX_JSON_DEPTH):
         raise _bad(f"the body nests deeper than {MAX_JSON_DEPTH} levels", None)
-    _no_surrogates(value, "")
+    _no_surrogates(value)
     return value
 
 

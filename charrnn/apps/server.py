@@ -48,11 +48,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..config import SAMPLE_DEFAULTS
@@ -75,7 +77,6 @@ from .serve_config import ServeConfig
 from .state_cache import StateCache, piece_keys
 
 log = logging.getLogger("charrnn.serve")
-_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
 _STARTED = "charrnn_started"  # the request's first moment (monotonic), put in the scope's state by the protocol
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -87,6 +88,8 @@ def json_response(status: int, payload: dict[str, Any], headers: dict[str, str] 
 
 
 def error_response(exc: RequestError, headers: dict[str, str] | None = None) -> Response:
+    if exc.status == HTTPStatus.REQUEST_TIMEOUT:  # a client too slow to finish its request gets no more time
+        headers = {**(headers or {}), "Connection": "close"}
     return json_response(exc.status, exc.body(), headers)
 
 
@@ -149,7 +152,8 @@ def protocol_class(request_timeout: float) -> type[H11Protocol]:
             self._timer = None
             if self.transport.is_closing():
                 return
-            if self.cycle is None or self.cycle.response_complete:
+            # Headers still coming (or none yet): answer. The rest of an answered request's body: just close.
+            if self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete):
                 message = f"the request did not arrive within {request_timeout:g} s: send it at once"
                 self.transport.write(_raw_json(HTTPStatus.REQUEST_TIMEOUT, message))
             self.transport.close()
@@ -159,6 +163,18 @@ def protocol_class(request_timeout: float) -> type[H11Protocol]:
             self.transport.close()
 
     return DeadlineProtocol
+
+
+class _AnyMethod(Route):
+    """A route for every method, even unknown ones: the endpoint answers a wrong one with a JSON 405
+    (Starlette's own 405 is plain text)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        return (Match.FULL if match == Match.PARTIAL else match), child
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 # --- the app ------------------------------------------------------------------------------------
@@ -230,8 +246,8 @@ class Server:
             "/complete": {"POST": self.retired},
         }
         self.app = Starlette(
-            routes=[Route(path, self._endpoint(path, handlers), methods=_ALL_METHODS) for path, handlers in routes.items()]
-            + [Route("/{path:path}", self._not_found, methods=_ALL_METHODS)]
+            routes=[_AnyMethod(path, self._endpoint(path, handlers)) for path, handlers in routes.items()]
+            + [_AnyMethod("/{path:path}", self._not_found)]
         )
 
     # -- plumbing: methods, errors, CORS, the key --------------------------------------------
@@ -325,7 +341,7 @@ class Server:
                     if len(body) > limit:
                         raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, too_large, code="body_too_large")
         except TimeoutError:
-            raise RequestError(
+            raise RequestError(  # closes the connection (see error_response): the rest of the body is not waited for
                 HTTPStatus.REQUEST_TIMEOUT,
                 f"the body did not arrive within {self.config.request_timeout:g} s (it had {len(body):,} bytes): send it at once",
                 code="timeout",
