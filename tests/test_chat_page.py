@@ -6,10 +6,11 @@ import os
 import shutil
 from pathlib import Path
 
+import openai
 import pytest
 
-from charrnn.apps.server import Running
 from charrnn.apps.serve_config import ServeConfig
+from charrnn.apps.server import Running
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver") or shutil.which("chromium-driver")
@@ -70,8 +71,6 @@ def test_type_send_see_the_streamed_reply_and_reset(sampler, browser):
         new, total = (int(w) for w in status.split("read ")[1].split(" new of "))
         assert 0 < new < total
         # The page's replies are the API's: the same seed, the same first reply.
-        import openai
-
         sdk = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         expected = sdk.chat.completions.create(
             model="tiny-lstm",
