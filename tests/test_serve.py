@@ -1,259 +1,544 @@
-"""The HTTP server, through real clients over loopback: JSON, server-sent events, limits, threads."""
+"""The OpenAI-compatible server, through real clients over loopback: the official ``openai``
+SDK, ``http.client`` and raw sockets; the state cache; errors; attacks a server must survive."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import logging
 import signal
 import socket
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 from conftest import PYTHON
 
-from charrnn.apps.server import make_server
+import charrnn
+from charrnn.apps.openai_api import chat_pieces
+from charrnn.apps.serve_config import ServeConfig
+from charrnn.apps.server import Running
+from charrnn.apps.state_cache import StateCache, piece_keys
 
 HOST = "127.0.0.1"  # the only address these tests ever bind
 MAX_LENGTH = 300
 MAX_BODY = 4096
-TIMEOUT = 60  # seconds, for every socket: generous, the machine is busy
+TIMEOUT = 60  # seconds, for every client socket: generous, the machine is busy
+DEADLINE = 3.0  # the servers' request deadline here: short, so the slow-client tests are quick
+LIMITS = dict(host=HOST, port=0, max_length=MAX_LENGTH, max_body_bytes=MAX_BODY, max_concurrent=2, quiet=True)
 
 
 @pytest.fixture
 def server(sampler):
-    """A server on an ephemeral loopback port, shut down and joined after the test."""
-    srv = make_server(sampler, HOST, 0, max_length=MAX_LENGTH, max_body_bytes=MAX_BODY, max_concurrent=2, quiet=True)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(TIMEOUT)
-        assert not thread.is_alive()
+    """A server on an ephemeral loopback port, stopped after the test."""
+    with Running(sampler, ServeConfig(**LIMITS, request_timeout=DEADLINE, model_name="tiny")) as running:
+        yield running
+
+
+def client(srv, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=srv.url + "/v1", api_key=kwargs.pop("api_key", "none"), timeout=TIMEOUT, max_retries=0, **kwargs
+    )
 
 
 def request(srv, method, path, body=None, headers=None):
     """(status, headers, body bytes) of one request made with http.client."""
-    conn = http.client.HTTPConnection(HOST, srv.server_address[1], timeout=TIMEOUT)
+    conn = http.client.HTTPConnection(HOST, srv.port, timeout=TIMEOUT)
     try:
         if isinstance(body, dict):
             body = json.dumps(body).encode()
         conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
         conn.close()
 
 
-def complete(srv, **fields):
-    status, headers, body = request(srv, "POST", "/complete", fields)
-    assert status == 200, body
-    assert headers["Content-Type"].startswith("application/json")
-    return json.loads(body)
-
-
-def parse_sse(raw: bytes) -> list[tuple[str, dict]]:
-    """(event name, data) of each server-sent event."""
-    events = []
-    for block in raw.decode("utf-8").split("\n\n"):
-        if not block.strip():
-            continue
-        name, data = "message", None
-        for line in block.split("\n"):
-            field, _, value = line.partition(": ")
-            if field == "event":
-                name = value
-            elif field == "data":
-                data = json.loads(value)
-        events.append((name, data))
-    return events
-
-
-def stream(srv, **fields):
-    """The joined text and the final event of a streamed completion."""
-    status, headers, body = request(srv, "POST", "/complete", {**fields, "stream": True})
-    assert status == 200, body
-    assert headers["Content-Type"].startswith("text/event-stream")
-    events = parse_sse(body)
-    assert [name for name, _ in events[:-1]] == ["message"] * (len(events) - 1)
-    assert events[-1][0] == "done"
-    return "".join(data["text"] for _, data in events[:-1]), events[-1][1], len(events) - 1
-
-
-def error_of(status_body, status):
-    got, headers, body = status_body
+def error_of(answer, status):
+    """The OpenAI error object of an answer that must have ``status`` and be JSON."""
+    got, headers, body = answer
     assert got == status, body
-    assert headers["Content-Type"].startswith("application/json")
-    return json.loads(body)["error"]
+    assert headers["content-type"].startswith("application/json")
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
 
 
-# --- completions ---------------------------------------------------------------------------------
+def chat_body(text="the cat sat.", **fields):
+    return {"model": "tiny", "messages": [{"role": "user", "content": text}], **fields}
 
 
-def test_health(server):
-    status, _, body = request(server, "GET", "/health")
-    info = json.loads(body)
-    assert status == 200 and info["status"] == "ok"
-    assert info["limits"]["max_length"] == MAX_LENGTH and info["limits"]["max_body_bytes"] == MAX_BODY
-    assert info["model"]["hidden_size"] == 32
+def assert_answers(srv):
+    """A normal client is still answered."""
+    reply = client(srv).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=5, seed=1)
+    assert reply.choices[0].finish_reason in ("stop", "length")
 
 
-def test_a_completion_is_the_library_text_and_the_seed_repeats_it(server, sampler):
-    options = dict(prompt="ROMEO:\n", length=120, temperature=0.9, top_k=20, seed=7)
-    first, again = complete(server, **options), complete(server, **options)
-    assert first == again
-    expected = sampler.generate("ROMEO:\n", length=120, temperature=0.9, top_k=20, seed=7)
-    assert first == {"text": expected, "finish_reason": "length", "seed": 7, "length": 120, "warnings": []}
-    assert complete(server, **{**options, "seed": 8})["text"] != expected
+# --- the protocol, through the official SDK ----------------------------------------------------
+
+
+def test_the_sdk_lists_the_model(server):
+    models = client(server).models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].owned_by == "charrnn"
+    assert client(server).models.retrieve("tiny").id == "tiny"
+
+
+def test_a_completion_is_the_library_text(server, sampler):
+    answer = client(server).completions.create(
+        model="tiny", prompt="ROMEO:\n", max_tokens=120, temperature=0.9, top_p=0.95, seed=7
+    )
+    expected = sampler.generate("ROMEO:\n", length=120, temperature=0.9, top_p=0.95, seed=7)
+    assert answer.object == "text_completion" and answer.choices[0].text == expected
+    assert answer.choices[0].finish_reason == "length"
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (7, 120)  # characters
+    again = client(server).completions.create(
+        model="tiny", prompt="ROMEO:\n", max_tokens=120, temperature=0.9, top_p=0.95, seed=7
+    )
+    assert again.choices[0].text == expected
+    echoed = client(server).completions.create(
+        model="tiny", prompt="ROMEO:\n", max_tokens=20, seed=7, echo=True, extra_body={"top_k": 5}
+    )
+    assert echoed.choices[0].text == "ROMEO:\n" + sampler.generate("ROMEO:\n", length=20, seed=7, top_k=5)
+
+
+def test_a_chat_is_the_chat_session_reply(server, sampler):
+    """Messages are written through the chat template as charrnn chat writes them, and the reply ends at its stop."""
+    session = sampler.chat(
+        template=charrnn.ChatTemplate(), seed=3, length=200, temperature=0.8, preamble="KING:\nthe old king sang.\n\n"
+    )
+    messages = [{"role": "system", "content": "KING:\nthe old king sang.\n\n"}]
+    for text in ("the cat sat on the mat.", "the dog ran.", "a bird flew over the house."):
+        messages.append({"role": "user", "content": text})
+        answer = client(server).chat.completions.create(model="tiny", messages=messages, max_tokens=200, temperature=0.8, seed=3)
+        reply = answer.choices[0].message.content
+        # The session keeps one random stream across turns; a request starts its own from the seed.
+        expected = sampler.continue_from(session_context(sampler, messages), length=200, temperature=0.8, seed=3, stop="\n\n")
+        assert reply == "".join(expected)
+        assert answer.object == "chat.completion" and answer.choices[0].message.role == "assistant"
+        assert "\n\n" not in reply
+        messages.append({"role": "assistant", "content": reply})
+    assert session.template.stops == ("\n\n",)
+
+
+def session_context(sampler, messages):
+    """The context after a conversation, read as the server reads it (the pieces of chat_pieces)."""
+    context = None
+    turns = [(m["role"], m["content"]) for m in messages]
+    for piece in chat_pieces(charrnn.ChatTemplate(), turns):
+        context = sampler.read(piece, context)
+    return context
+
+
+def test_chat_pieces_write_the_chat_sessions_text(sampler):
+    template = charrnn.ChatTemplate()
+    turns = [("system", "KING:\nhail.\n"), ("user", "hi"), ("assistant", "ho\n"), ("user", "bye")]
+    text = "".join(chat_pieces(template, turns))
+    assert text == "KING:\nhail.\n" + "\nROMEO:\nhi\n\nJULIET:\nho\n" + "\nROMEO:\nbye\n\nJULIET:\n"
+    # The session writes the same text: its turns read the same characters.
+    session = sampler.chat(template=template, preamble="KING:\nhail.\n", length=0)
+    assert session.turn_text("hi") == "\nROMEO:\nhi\n\nJULIET:\n"
+
+
+def test_a_streamed_chat_joins_to_the_whole_reply(server):
+    sdk = client(server)
+    fields = dict(
+        model="tiny", messages=[{"role": "user", "content": "the king said."}], max_tokens=250, temperature=1.0, seed=11
+    )
+    whole = sdk.chat.completions.create(**fields).choices[0].message.content
+    chunks = list(sdk.chat.completions.create(**fields, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(whole)
+    # The raw stream ends with data: [DONE].
+    status, headers, body = request(server, "POST", "/v1/chat/completions", {**fields, "stream": True})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert body.endswith(b"data: [DONE]\n\n")
+
+
+def test_a_streamed_completion_and_n_choices(server, sampler):
+    sdk = client(server)
+    stream = sdk.completions.create(model="tiny", prompt="KING:\n", max_tokens=60, seed=5, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == sampler.generate("KING:\n", length=60, seed=5)
+    many = sdk.chat.completions.create(**chat_body(), max_tokens=40, seed=9, n=3)
+    one = sdk.chat.completions.create(**chat_body(), max_tokens=40, seed=9)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert many.choices[0].message.content == one.choices[0].message.content  # choice i has seed + i
+    streamed = sdk.chat.completions.create(**chat_body(), max_tokens=40, seed=9, n=3, stream=True)
+    texts = ["", "", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [c.message.content for c in many.choices]
 
 
 def test_without_a_seed_the_answer_names_one_that_reproduces_it(server):
-    a = complete(server, prompt="KING:\n", length=60)
-    b = complete(server, prompt="KING:\n", length=60)
-    assert a["seed"] != b["seed"]
-    assert complete(server, prompt="KING:\n", length=60, seed=a["seed"])["text"] == a["text"]
-    assert a["length"] == len(a["text"]) == 60  # the default temperature and the given length
+    status, _, body = request(server, "POST", "/v1/completions", {"prompt": "KING:\n", "max_tokens": 40})
+    first = json.loads(body)
+    assert status == 200 and isinstance(first["seed"], int)
+    again = json.loads(
+        request(server, "POST", "/v1/completions", {"prompt": "KING:\n", "max_tokens": 40, "seed": first["seed"]})[2]
+    )
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
 
 
-def test_a_stop_string_ends_the_text_and_says_so(server):
-    answer = complete(server, prompt="ROMEO:\n", length=MAX_LENGTH, seed=1, stop=["\n\n", "queen"])
-    assert answer["finish_reason"] == "stop"
-    assert "\n\n" not in answer["text"] and "queen" not in answer["text"]
-    assert answer["length"] == len(answer["text"]) < MAX_LENGTH
+def test_unknown_fields_are_ignored_and_named(server):
+    status, _, body = request(server, "POST", "/v1/chat/completions", chat_body(max_tokens=5, temprature=0.1, user="u"))
+    answer = json.loads(body)
+    assert status == 200 and answer["warnings"] == ["ignored unknown field(s) temprature"]
+    neutral = chat_body(max_tokens=5, presence_penalty=0, logit_bias={}, logprobs=False, response_format={"type": "text"})
+    assert request(server, "POST", "/v1/chat/completions", neutral)[0] == 200
 
 
-def test_the_sse_stream_joined_is_the_json_completion(server):
-    for options in (dict(length=150, seed=3), dict(length=200, seed=4, stop="\n\n"), dict(length=40, temperature=0, seed=9)):
-        text, done, pieces = stream(server, prompt="JULIET:\n", **options)
-        answer = complete(server, prompt="JULIET:\n", **options)
-        assert pieces > 1, "it streamed"
-        assert text == answer.pop("text")
-        assert done == answer
+# --- the state cache ------------------------------------------------------------------------------
 
 
-def test_the_length_may_reach_the_limit_but_not_pass_it(server):
-    assert complete(server, prompt="a", length=MAX_LENGTH, seed=1)["length"] == MAX_LENGTH
-    message = error_of(request(server, "POST", "/complete", {"prompt": "a", "length": MAX_LENGTH + 1}), 400)
-    assert message == f"length {MAX_LENGTH + 1} is above this server's limit of {MAX_LENGTH} characters"
+def test_a_cached_conversation_replies_as_an_uncached_one(sampler):
+    """Replayed turn by turn on a cached and an uncached server: the same replies; the cached one reads only the new text."""
+    replies = {}
+    for entries in (1024, 0):
+        with Running(sampler, ServeConfig(**LIMITS, cache_entries=entries)) as srv:
+            sdk, messages, cached = client(srv), [], []
+            for turn, text in enumerate(["the cat sat.", "the dog ran.", "the king said.", "a bird flew."]):
+                messages.append({"role": "user", "content": text})
+                answer = sdk.chat.completions.create(model="tiny", messages=messages, max_tokens=100, seed=turn, temperature=1.0)
+                messages.append({"role": "assistant", "content": answer.choices[0].message.content})
+                cached.append(answer.usage.prompt_tokens_details.cached_tokens)
+                assert answer.usage.prompt_tokens == sum(map(len, chat_pieces(charrnn.ChatTemplate(), turns(messages[:-1]))))
+            replies[entries] = [m["content"] for m in messages]
+            health = json.loads(request(srv, "GET", "/health")[2])["cache"]
+        if entries:
+            # Turn 1 misses; every later turn starts from the state after the previous prompt.
+            assert cached[0] == 0 and all(c > 0 for c in cached[1:])
+            assert health["hits"] == 3 and health["misses"] == 1 and health["entries"] == 4
+        else:
+            assert cached == [0, 0, 0, 0] and health["entries"] == 0
+    assert replies[1024] == replies[0]
 
 
-# --- bad requests ----------------------------------------------------------------------------------
+def turns(messages):
+    return [(m["role"], m["content"]) for m in messages]
+
+
+def test_the_state_cache_is_bounded_by_count_and_bytes(sampler):
+    context = sampler.read("the cat")
+    size = sum(t.numel() * t.element_size() for t in (context.logits, *context.hidden))
+    cache = StateCache(max_entries=3, max_bytes=10 * size)
+    for key in "abcd":
+        cache.put(key, context)
+    assert len(cache) == 3 and cache.get("a") is None  # least recently used out first
+    assert cache.get("b") is not None
+    cache.put("e", context)  # "c" is now the oldest
+    assert cache.get("c") is None and cache.get("b") is not None
+    small = StateCache(max_entries=100, max_bytes=2 * size)
+    for key in "abc":
+        small.put(key, context)
+    assert len(small) == 2 and small.bytes == 2 * size
+    assert piece_keys(["ab", "c"]) != piece_keys(["a", "bc"])  # the same text read in other pieces is another key
+
+
+# --- errors: JSON, the right status, the field named ---------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("body", "fragment"),
+    ("path", "body", "param", "fragment"),
     [
-        (b'{"prompt": "ROMEO', "the body is not valid JSON"),
-        (b"\xff\xfe", "the body is not UTF-8 text"),
-        (b'["ROMEO"]', "the body must be a JSON object"),
-        (b'{"promt": "ROMEO"}', "unknown field(s) promt"),
-        (b'{"prompt": 3}', "prompt must be a string"),
-        (b'{"temperature": "hot"}', "temperature must be float, got 'hot'"),
-        (b'{"temperature": -1}', "temperature must be >= 0"),
-        (b'{"length": 2.5}', "length must be int"),
-        (b'{"seed": -1}', "seed must be an integer in [0, 2**63 - 1]"),
-        (b'{"seed": true}', "seed must be an integer"),
-        (b'{"stream": "yes"}', "stream must be true or false"),
-        (b'{"stop": [""]}', "stop strings must be non-empty strings"),
-        (b'{"stop": ["a","b","c","d","e","f","g","h","i"]}', "at most 8 strings"),
-        ('{"prompt": "ЖЖЖ"}'.encode(), "made only of characters the model never saw"),
+        ("/v1/chat/completions", b'{"messages": [', None, "not valid JSON"),
+        ("/v1/chat/completions", b"\xff\xfe", None, "not UTF-8"),
+        ("/v1/chat/completions", b"[1]", None, "must be a JSON object"),
+        ("/v1/chat/completions", b"", None, "the body is empty"),
+        ("/v1/chat/completions", b'{"messages": []}', "messages", "non-empty list"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "a"}]}', "messages[0].role", "is not a role here"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 3}]}', "messages[0].content", "must be a string"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "a"}], "temperature": "hot"}',
+            "temperature",
+            "finite number",
+        ),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "temperature": -1}', "temperature", ">= 0"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "top_p": 0}', "top_p", "(0, 1]"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "a"}], "max_tokens": 301}',
+            "max_tokens",
+            "[0, 300]",
+        ),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "max_tokens": 2.5}', "max_tokens", "integer"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "seed": -1}', "seed", "seed must be in"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "n": 9}', "n", "n must be in [1, 4]"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "stream": "yes"}', "stream", "true or false"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "stop": [""]}', "stop", "non-empty strings"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "a"}], "presence_penalty": 1}',
+            "presence_penalty",
+            "not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "a"}], "logprobs": true}',
+            "logprobs",
+            "not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]}',
+            "tools",
+            "not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            '{"messages": [{"role": "user", "content": "ЖЖЖ"}]}'.encode(),
+            "messages[0].content",
+            "never saw",
+        ),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "\\ud800": 1}', "\\ud800", "lone surrogate"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+            "messages[0].content",
+            "lone surrogate",
+        ),
+        ("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, None, None),  # too deep to parse: still a 400 (or 413)
+        ("/v1/completions", b'{"prompt": [1, 2, 3]}', "prompt", "token ids"),
+        ("/v1/completions", b'{"prompt": "a", "suffix": "b"}', "suffix", "not supported"),
+        ("/v1/completions", b'{"prompt": "a", "seed": 1' + b"0" * 5000 + b"}", None, "not JSON this server reads"),
     ],
 )
-def test_a_bad_request_is_a_400_with_a_json_message(server, body, fragment):
-    assert fragment in error_of(request(server, "POST", "/complete", body), 400)
+def test_a_bad_request_is_a_400_naming_the_field(server, path, body, param, fragment):
+    status, headers, raw = request(server, "POST", path, body, {"Content-Type": "application/json"})
+    if len(body) > MAX_BODY:
+        assert status == 413
+        return
+    error = error_of((status, headers, raw), 400)
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert fragment in error["message"]
 
 
-@pytest.mark.parametrize("copies", [1_000, 50_000], ids=["13kB", "650kB"])
-def test_an_oversize_body_is_a_413(server, copies):
-    body = json.dumps({"prompt": "the cat sat. " * copies}).encode()
-    assert len(body) > MAX_BODY
-    # Small socket buffers, as on a real network: 650 kB cannot sit in them, so the
-    # server must read (and drop) the body for its 413 to reach the client at all.
-    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    conn = http.client.HTTPConnection(HOST, server.server_address[1], timeout=TIMEOUT)
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("HEAD", "/v1/chat/completions", 405),
+        ("OPTIONS", "/v1/chat/completions", 200),
+        ("PUT", "/v1/chat/completions", 405),
+        ("DELETE", "/health", 405),
+        ("FROB", "/v1/models", 405),
+        ("GET", "/nope", 404),
+        ("HEAD", "/nope", 404),
+        ("OPTIONS", "/nope", 404),
+        ("POST", "/complete", 410),
+        ("GET", "/v1/models/other", 404),
+    ],
+)
+def test_every_method_and_path_is_answered_in_json(server, method, path, status):
+    got, headers, body = request(server, method, path)
+    assert got == status and headers["content-type"].startswith("application/json")
+    if method != "HEAD":
+        payload = json.loads(body)
+        assert ("error" in payload) == (status >= 400)
+    if status == 405:
+        assert "Allow" in headers or "allow" in headers
+
+
+def test_health_and_the_head_of_get(server):
+    status, headers, body = request(server, "GET", "/health")
+    info = json.loads(body)
+    assert status == 200 and info["status"] == "ok" and info["model"]["hidden_size"] == 32
+    assert info["limits"]["max_length"] == MAX_LENGTH and info["limits"]["max_body_bytes"] == MAX_BODY
+    assert request(server, "HEAD", "/health")[:2][0] == 200
+
+
+def test_an_unexpected_exception_is_a_500_in_json_and_one_log_line(server, caplog):
+    def broken(pieces):
+        raise ZeroDivisionError("a bug")
+
+    server.server.context_for = broken
+    with caplog.at_level(logging.ERROR, logger="charrnn.serve"):
+        error = error_of(request(server, "POST", "/v1/chat/completions", chat_body()), 500)
+    assert error["type"] == "server_error" and "see the server log" in error["message"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "charrnn.serve"]
+    assert len(lines) == 1 and "ZeroDivisionError: a bug" in lines[0] and "\n" not in lines[0]
+
+
+def test_an_api_key_is_required_when_given(sampler):
+    with Running(sampler, ServeConfig(**LIMITS, api_key="s3cret", cors_origin=("http://localhost:3000",))) as srv:
+        with pytest.raises(openai.AuthenticationError):
+            client(srv, api_key="wrong").models.list()
+        error = error_of(request(srv, "GET", "/v1/models"), 401)
+        assert error["code"] == "invalid_api_key"
+        assert [m.id for m in client(srv, api_key="s3cret").models.list().data]
+        assert request(srv, "GET", "/health")[0] == 200  # the page and /health need no key
+        _, headers, _ = request(srv, "OPTIONS", "/v1/chat/completions", headers={"Origin": "http://localhost:3000"})
+        assert headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert "Authorization" in headers["access-control-allow-headers"]
+        _, headers, _ = request(srv, "GET", "/health", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in headers
+
+
+def test_a_full_queue_gets_429_then_503(sampler):
+    """One slot, one waiting place: the third request at once is refused at once, the waiting one after the queue timeout."""
+    config = ServeConfig(**{**LIMITS, "max_concurrent": 1}, max_queue=1, queue_timeout=1.0)
+    with Running(sampler, config) as srv:
+        gate, reading = threading.Event(), threading.Event()
+        real = srv.server.context_for
+
+        def held(pieces):
+            reading.set()
+            gate.wait(TIMEOUT)
+            return real(pieces)
+
+        srv.server.context_for = held
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(request, srv, "POST", "/v1/chat/completions", chat_body(max_tokens=5))
+            assert reading.wait(TIMEOUT)
+            waiting = pool.submit(request, srv, "POST", "/v1/chat/completions", chat_body(max_tokens=5))
+            deadline = time.monotonic() + TIMEOUT
+            while srv.server.busy.waiting == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert (
+                error_of(request(srv, "POST", "/v1/chat/completions", chat_body(max_tokens=5)), 429)["type"] == "rate_limit_error"
+            )
+            assert error_of(waiting.result(TIMEOUT), 503)["code"] == "server_busy"
+            gate.set()
+            assert first.result(TIMEOUT)[0] == 200
+        assert_answers(srv)
+
+
+# --- attacks: none stops a normal client being answered ------------------------------------------
+
+
+def read_all(sock) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_slow_client_is_cut_off_at_the_deadline(server):
+    """A byte a second: the headers (or the body) never finish in time; the client gets a 408 and is dropped."""
+    results = {}
+
+    def drip(name, head, body):
+        """Send ``head``, then ``body`` a byte a second, reading what comes back as it comes."""
+        answer = b""
+        with socket.create_connection((HOST, server.port), timeout=TIMEOUT) as sock:
+            started = time.monotonic()
+            sock.sendall(head)
+            sock.settimeout(1.0)
+            for byte in body:
+                try:
+                    sock.sendall(bytes([byte]))
+                    chunk = sock.recv(65536)  # waits up to a second: the drip's pace
+                except TimeoutError:
+                    continue
+                except OSError:  # the server closed the connection: what should happen
+                    break
+                if not chunk:
+                    break
+                answer += chunk
+            results[name] = (answer, time.monotonic() - started)
+
+    body = json.dumps(chat_body()).encode()
+    headers = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    threads = [
+        threading.Thread(target=drip, args=("headers", b"", headers)),
+        threading.Thread(target=drip, args=("body", headers, body)),
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    assert_answers(server)  # answered while both drip
+    for t in threads:
+        t.join(TIMEOUT)
+    for name, (answer, seconds) in results.items():
+        assert answer.startswith(b"HTTP/1.1 408 "), (name, answer)
+        assert b"application/json" in answer and seconds < DEADLINE + 3, (name, seconds)
+    assert_answers(server)
+
+
+def test_200_idle_connections_do_not_stop_a_client(server):
+    socks = [socket.create_connection((HOST, server.port), timeout=TIMEOUT) for _ in range(200)]
     try:
-        conn.connect()
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        conn.request("POST", "/complete", body=body)
-        response = conn.getresponse()
-        status, message = response.status, json.loads(response.read())["error"]
+        started = time.monotonic()
+        assert_answers(server)
+        assert request(server, "GET", "/health")[0] == 200
+        assert time.monotonic() - started < 10
     finally:
-        conn.close()
-    assert status == 413
-    assert message == f"the body is {len(body):,} bytes; this server takes at most {MAX_BODY:,}"
-    # The server lives on.
-    assert complete(server, prompt="a", length=5, seed=1)["length"] == 5
+        for s in socks:
+            s.close()
 
 
-def raw_exchange(srv, head: bytes) -> tuple[int, dict]:
-    """Send raw request bytes; the status and JSON body of the answer (the server closes the connection)."""
-    with socket.create_connection((HOST, srv.server_address[1]), timeout=TIMEOUT) as sock:
-        sock.sendall(head)
-        data = b""
-        for _ in range(1000):  # bounded: the answer is small and ends with the connection
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    status_line, _, rest = data.partition(b"\r\n")
-    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+def test_a_content_length_larger_than_the_body_gets_a_408(server):
+    with socket.create_connection((HOST, server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"messages": []}')
+        assert_answers(server)  # while it waits for the rest
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within" in answer
 
 
-def test_an_oversize_body_announced_with_expect_100_is_refused_before_it_is_sent(server):
-    head = (
-        b"POST /complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 10000000\r\nExpect: 100-continue\r\n\r\n"
-    )
-    status, body = raw_exchange(server, head)
-    assert status == 413 and "10,000,000 bytes" in body["error"]
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_is_a_413(server, declared):
+    body = json.dumps(chat_body("the cat sat. " * 2000)).encode()
+    assert len(body) > MAX_BODY
+    if declared:
+        answer = request(server, "POST", "/v1/chat/completions", body)
+    else:  # no Content-Length to trust: the limit holds while reading
+        answer = request(server, "POST", "/v1/chat/completions", iter([body[:3000], body[3000:]]))
+    error = error_of(answer, 413)
+    assert "4,096 bytes" in error["message"]
+    assert_answers(server)
 
 
-def test_a_body_without_content_length_is_a_411(server):
-    status, body = raw_exchange(server, b"POST /complete HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
-    assert status == 411 and "Content-Length" in body["error"]
+def test_a_client_leaving_mid_stream_stops_its_generation(sampler, monkeypatch):
+    """A slow model (5 ms a character, 2,000 asked for): the client leaves after one event; sampling stops soon after."""
+    drawn = []
+    real = sampler.continue_from
+
+    class Slow:
+        """A Continuation whose every character takes 5 ms."""
+
+        def __init__(self, reply):
+            self.reply = reply
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            piece = next(self.reply)
+            time.sleep(0.005)
+            drawn.append(piece)
+            return piece
+
+        def close(self):
+            self.reply.close()
+
+        finish_reason = property(lambda self: self.reply.finish_reason)
+
+    def slow(*args, **kwargs):
+        return Slow(real(*args, **kwargs))
+
+    monkeypatch.setattr(sampler, "continue_from", slow)
+    with Running(sampler, ServeConfig(**{**LIMITS, "max_length": 2000}, request_timeout=TIMEOUT)) as srv:
+        conn = http.client.HTTPConnection(HOST, srv.port, timeout=TIMEOUT)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "a", "max_tokens": 2000, "stream": True, "seed": 1}))
+        response = conn.getresponse()
+        assert response.status == 200 and response.read(6) == b"data: "
+        conn.close()  # gone after one event
+        deadline = time.monotonic() + TIMEOUT
+        while srv.server.busy.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.server.busy.running == 0
+        assert len(drawn) < 1000  # 2,000 would take 10 s: it stopped when the client left
+        assert_answers(srv)
 
 
-def test_unknown_paths_and_methods(server):
-    assert "use POST /complete" in error_of(request(server, "GET", "/nope"), 404)
-    assert error_of(request(server, "GET", "/complete"), 405) == "/complete takes POST"
-    assert error_of(request(server, "POST", "/health", b"{}"), 405) == "/health takes GET"
-
-
-# --- many clients ------------------------------------------------------------------------------------
-
-
-def test_requests_at_once_each_get_their_own_answer(server, sampler):
-    """Six clients at once (two generations run, the rest queue): each gets what it gets alone."""
-    seeds = list(range(20, 26))
-    expected = {s: sampler.generate("KING:\n", length=150, temperature=1.0, seed=s) for s in seeds}
-    start = threading.Barrier(len(seeds))
-
-    def client(seed):
-        start.wait(TIMEOUT)
-        if seed % 2:
-            return seed, stream(server, prompt="KING:\n", length=150, temperature=1.0, seed=seed)[0]
-        return seed, complete(server, prompt="KING:\n", length=150, temperature=1.0, seed=seed)["text"]
-
-    with ThreadPoolExecutor(len(seeds)) as pool:
-        results = dict(pool.map(client, seeds))
-    assert results == expected
-
-
-def test_a_client_leaving_mid_stream_does_not_hurt_the_server(server):
-    conn = http.client.HTTPConnection(HOST, server.server_address[1], timeout=TIMEOUT)
-    conn.request("POST", "/complete", body=json.dumps({"prompt": "a", "length": MAX_LENGTH, "stream": True, "seed": 1}))
-    response = conn.getresponse()
-    assert response.status == 200
-    assert response.fp.readline().startswith(b"data: ")
-    conn.close()  # gone after one event
-    assert complete(server, prompt="a", length=10, seed=1)["length"] == 10
-
-
-# --- the command line ---------------------------------------------------------------------------------
+# --- the command line -------------------------------------------------------------------------------
 
 
 def test_charrnn_serve_runs_on_loopback_and_stops_on_sigterm(trained_run, subprocess_env, tmp_path):
@@ -269,11 +554,10 @@ def test_charrnn_serve_runs_on_loopback_and_stops_on_sigterm(trained_run, subpro
         line = proc.stdout.readline()  # "charrnn-serve: listening on http://127.0.0.1:PORT ..."
         assert "listening on http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
         port = int(line.split("http://127.0.0.1:")[1].split()[0])
-        conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT)
-        conn.request("POST", "/complete", body=b'{"prompt": "ROMEO:\\n", "length": 30, "seed": 5}')
-        answer = json.loads(conn.getresponse().read())
-        conn.close()
-        assert answer["length"] == 30 and answer["seed"] == 5
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
+        assert [m.id for m in sdk.models.list().data] == [trained_run.best.parent.name]
+        answer = sdk.chat.completions.create(model="x", messages=[{"role": "user", "content": "the cat"}], max_tokens=30, seed=5)
+        assert answer.usage.completion_tokens == len(answer.choices[0].message.content) <= 30
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0
         assert "stopped" in proc.stderr.read()
@@ -291,4 +575,6 @@ def test_charrnn_serve_startup_mistakes_exit_2(trained_run, capsys):
     assert main(["--checkpoint", str(trained_run.best), "--port", "70000"]) == 2
     assert capsys.readouterr().err.startswith("error: --port must be in [0, 65535]")
     assert main(["--checkpoint", str(trained_run.best), "--device", "cpu", "--default-length", "5000"]) == 2
-    assert "default length 5000 must be in [1, max length 2000]" in capsys.readouterr().err
+    assert "--default-length 5000 must be in [0, --max-length 2000]" in capsys.readouterr().err
+    assert main(["--checkpoint", str(trained_run.best), "--device", "cpu", "--user-prefix", "ЖЖ:"]) == 2
+    assert "the chat template uses characters the model never saw" in capsys.readouterr().err

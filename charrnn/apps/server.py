@@ -1,338 +1,667 @@
-"""A small HTTP server for prototypes in other languages: JSON completions and SSE streams.
+"""An OpenAI-compatible model server: Starlette on uvicorn (the ``serve`` extra).
 
-Standard library only (``http.server.ThreadingHTTPServer``): one thread per
-connection, all sharing one loaded :class:`~charrnn.generation.sampler.Sampler` (which is
-thread-safe). Bound to 127.0.0.1 unless told otherwise. Endpoints:
+Endpoints (see ``openai_api`` for the fields each one honours, ignores or refuses):
 
+``GET /v1/models``, ``GET /v1/models/{id}``
+    the one model this server holds.
+``POST /v1/completions``, ``POST /v1/chat/completions``
+    OpenAI's request and answer shapes; ``"stream": true`` answers with server-sent
+    events of ``text_completion`` / ``chat.completion.chunk`` objects, then
+    ``data: [DONE]``. ``max_tokens`` and ``usage`` count characters.
 ``GET /health``
-    ``{"status": "ok", "model": {...}, "limits": {...}, "defaults": {...}}``.
+    the model, the limits, the defaults, the state cache and the load.
+``GET /``
+    a chat page (``chat.html``, self-contained) that streams from ``/v1/chat/completions``.
 
-``POST /complete`` with a JSON object::
+``POST /complete``, the server's own protocol before this one, is retired: it answers
+410 with the request to make instead.
 
-    {"prompt": "ROMEO:\\n", "length": 200, "temperature": 0.8, "top_k": 0,
-     "top_p": 1.0, "seed": 1, "stop": ["\\n\\n"], "stream": false}
+How the limits hold (uvicorn parses HTTP, keeps connections alive and notices clients
+that leave; the rest is here):
 
-    Every field is optional. The answer is ``{"text", "finish_reason" ("stop" or
-    "length"), "seed", "length", "warnings"}``; the seed is drawn and returned when not
-    given, so any answer can be reproduced. With ``"stream": true`` the answer is
-    server-sent events: ``data: {"text": "..."}`` per piece, then ``event: done`` with
-    the same fields as the JSON answer except ``text``. Joined, the pieces are exactly
-    the text the JSON answer gives for the same request.
-
-Limits: a body over ``max_body_bytes`` is refused with 413; a ``length`` over
-``max_length`` is refused with 400 (not clamped: a client asking for more than it can
-get should know); at most ``max_concurrent`` generations run at once, the others wait
-up to ``queue_timeout`` seconds, then get 503. Every error is JSON ``{"error": "..."}``.
+- Generations run in a pool of ``max_concurrent`` threads. A request that finds them
+  busy waits (at most ``max_queue`` wait, for at most ``queue_timeout`` s); beyond that
+  it gets a 429, after the wait a 503, both OpenAI error objects.
+- Every request has one deadline, ``request_timeout`` s after its first byte: headers
+  (checked by the protocol class below, as uvicorn has no header timeout), body, wait
+  and reply. A client that sends a byte every few seconds is answered 408 and dropped.
+- A body is read with its limit enforced while reading (413), whatever Content-Length says.
+- A client that leaves mid-stream stops its generation at the next character.
+- Every answer, for every method and every error, is JSON with its status (but ``GET /``,
+  the page); a handler's unexpected exception is a 500 JSON answer and one log line.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import hmac
 import json
-import os
+import logging
+import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
-from ..config import SAMPLE_DEFAULTS, SampleConfig
-from ..errors import CharRNNError, ConfigError
-from ..generation.sampler import Sampler
+import anyio
+import h11
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Match, Route
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-MAX_LENGTH = 2000
-MAX_BODY_BYTES = 64 * 1024
-MAX_CONCURRENT = 4
-# Stop strings are checked after every character: bound their number and size.
-MAX_STOPS, MAX_STOP_CHARS = 8, 64
-# A body a little over the limit is read and dropped before the 413, so the client
-# sees the answer rather than a connection reset; a far larger one is not read at all.
-_DRAIN_BYTES = 1024 * 1024
-_FIELDS = ("prompt", "length", "temperature", "top_k", "top_p", "seed", "stop", "stream")
-_MAX_SEED = (1 << 63) - 1
+from ..config import SAMPLE_DEFAULTS
+from ..errors import CharRNNError
+from ..generation.chat import ChatTemplate, model_fingerprint
+from ..generation.sampler import Context, Sampler
+from .openai_api import (
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    Answer,
+    Job,
+    RequestError,
+    chat_job,
+    completion_job,
+    error_body,
+    parse_body,
+    sse,
+)
+from .serve_config import ServeConfig
+from .state_cache import StateCache, piece_keys
 
-
-class RequestError(Exception):
-    """A request the server refuses: an HTTP status and a sentence for the client."""
-
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-class CompletionServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer holding the sampler and the limits its handlers enforce."""
-
-    daemon_threads = True  # a stuck client never keeps the process alive
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        sampler: Sampler,
-        *,
-        max_length: int = MAX_LENGTH,
-        default_length: int | None = None,
-        max_body_bytes: int = MAX_BODY_BYTES,
-        max_concurrent: int = MAX_CONCURRENT,
-        queue_timeout: float = 30.0,
-        request_timeout: float = 60.0,
-        quiet: bool = False,
-    ):
-        if default_length is None:  # the sampling default, within this server's limit
-            default_length = min(SAMPLE_DEFAULTS.length, max_length)
-        if not 1 <= default_length <= max_length:
-            raise ConfigError(f"default length {default_length} must be in [1, max length {max_length}]")
-        if max_body_bytes < 1 or max_concurrent < 1:
-            raise ConfigError("max body bytes and max concurrent generations must be at least 1")
-        self.sampler = sampler
-        self.max_length = max_length
-        self.default_length = default_length
-        self.max_body_bytes = max_body_bytes
-        self.queue_timeout = queue_timeout
-        self.request_timeout = request_timeout
-        self.quiet = quiet
-        self.slots = threading.BoundedSemaphore(max_concurrent)
-        self.max_concurrent = max_concurrent
-        super().__init__(address, CompletionHandler)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+log = logging.getLogger("charrnn.serve")
+_STARTED = "charrnn_started"  # the request's first moment (monotonic), put in the scope's state by the protocol
+Handler = Callable[[Request], Awaitable[Response]]
 
 
-def make_server(sampler: Sampler, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **limits: Any) -> CompletionServer:
-    """A server for ``sampler`` bound to ``host:port`` (port 0: any free port); call ``serve_forever()``."""
-    return CompletionServer((host, port), sampler, **limits)
+def json_response(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    # ensure_ascii: the body is valid UTF-8 whatever a client managed to put in an echoed string.
+    body = json.dumps(payload, ensure_ascii=True) + "\n"
+    return Response(body, status_code=int(status), headers=headers, media_type="application/json")
 
 
-# --- requests ---------------------------------------------------------------------------------
+def error_response(exc: RequestError, headers: dict[str, str] | None = None) -> Response:
+    if exc.status == HTTPStatus.REQUEST_TIMEOUT:  # a client too slow to finish its request gets no more time
+        headers = {**(headers or {}), "Connection": "close"}
+    return json_response(exc.status, exc.body(), headers)
 
 
-def _parse_request(body: bytes, server: CompletionServer) -> tuple[str, dict[str, Any], bool]:
-    """(prompt, sampling options, stream?) from a request body, or a RequestError (400)."""
-    bad = HTTPStatus.BAD_REQUEST
-    try:
-        request = json.loads(body.decode("utf-8")) if body.strip() else {}
-    except UnicodeDecodeError:
-        raise RequestError(bad, "the body is not UTF-8 text") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise RequestError(bad, f"the body is not valid JSON ({exc})") from None
-    if not isinstance(request, dict):
-        raise RequestError(bad, 'the body must be a JSON object, e.g. {"prompt": "ROMEO:\\n"}')
-    unknown = sorted(set(request) - set(_FIELDS))
-    if unknown:
-        raise RequestError(bad, f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(_FIELDS)}")
-    prompt = request.get("prompt", "")
-    if not isinstance(prompt, str):
-        raise RequestError(bad, "prompt must be a string")
-    stream = request.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError(bad, "stream must be true or false")
-    length = request.get("length", server.default_length)
-    if isinstance(length, int) and not isinstance(length, bool) and length > server.max_length:
-        raise RequestError(bad, f"length {length} is above this server's limit of {server.max_length} characters")
-    seed = request.get("seed")
-    if seed is None:
-        seed = int.from_bytes(os.urandom(8), "little") & _MAX_SEED  # returned, so the answer can be reproduced
-    elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED:
-        raise RequestError(bad, f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
-    stop = request.get("stop", [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > MAX_STOPS or any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stop):
-        raise RequestError(
-            bad, f"stop must be a string or a list of at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters"
-        )
-    options = {k: request[k] for k in ("temperature", "top_k", "top_p") if k in request}
-    options.update(length=length, seed=seed, stop=tuple(stop))
-    try:
-        SampleConfig.from_options(**options)  # every option checked before anything is generated
-    except (ConfigError, TypeError) as exc:
-        raise RequestError(bad, str(exc)) from None
-    return prompt, options, stream
+# --- the protocol: a deadline for the headers, JSON for uvicorn's own refusals -------------------
 
 
-class CompletionHandler(BaseHTTPRequestHandler):
-    """One connection: one request, answered as JSON or as server-sent events, then closed."""
+def _raw_json(status: HTTPStatus, message: str) -> bytes:
+    body = json.dumps(error_body(status, message)).encode() + b"\n"
+    head = (
+        f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
-    server: CompletionServer
-    # HTTP/1.1 for "Expect: 100-continue" (curl sends it for larger bodies): an oversize
-    # body is refused before the client sends it. Every answer closes the connection.
-    protocol_version = "HTTP/1.1"
-    server_version = "charrnn-serve"
-    _streaming = False  # set once a stream's 200 and headers have gone out
 
-    def setup(self) -> None:
-        self.timeout = self.server.request_timeout  # a silent client cannot hold a thread forever
-        super().setup()
+def protocol_class(request_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, with the start of each request's deadline and JSON refusals.
 
-    def log_message(self, format: str, *args: Any) -> None:
-        if not self.server.quiet:
-            super().log_message(format, *args)
+    uvicorn times out idle keep-alive connections, but not a request's headers arriving
+    a byte at a time; here a connection whose request is not in within ``request_timeout``
+    seconds of its start (or of the previous answer) gets a 408 and is closed. The
+    moment is passed on in the request's scope, so the body and the reply share the deadline.
+    """
 
-    # -- answers ----------------------------------------------------------------------------
-    def _send_json(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
-        body = (json.dumps(payload, ensure_ascii=False) + "\n").encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-        self.close_connection = True
+    class DeadlineProtocol(H11Protocol):
+        _timer: asyncio.TimerHandle | None = None
+        _since = 0.0
 
-    def _error(self, status: HTTPStatus, message: str) -> None:
-        self._send_json(status, {"error": message})
+        def _arm(self) -> None:
+            self._disarm()
+            self._since = time.monotonic()
+            self._timer = self.loop.call_later(request_timeout, self._too_slow)
 
-    def _declared_length(self) -> int:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not accepted: send a Content-Length")
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "a POST needs a Content-Length header")
-        try:
-            length = int(raw)
-        except ValueError:
-            length = -1
-        if length < 0:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {raw!r}")
-        if length > self.server.max_body_bytes:
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle and self.cycle is not None:  # a new request's headers are in
+                self._disarm()
+                self.cycle.scope.setdefault("state", {})[_STARTED] = self._since
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request (or the rest of an unread body) has its own deadline
+
+        def _too_slow(self) -> None:
+            self._timer = None
+            if self.transport.is_closing():
+                return
+            # Headers still coming (or none yet): answer. The rest of an answered request's body: just close.
+            if self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete):
+                message = f"the request did not arrive within {request_timeout:g} s: send it at once"
+                self.transport.write(_raw_json(HTTPStatus.REQUEST_TIMEOUT, message))
+            self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            self.transport.write(_raw_json(HTTPStatus.BAD_REQUEST, f"this is not a valid HTTP/1.1 request ({msg})"))
+            self.transport.close()
+
+    return DeadlineProtocol
+
+
+class _AnyMethod(Route):
+    """A route for every method, even unknown ones: the endpoint answers a wrong one with a JSON 405
+    (Starlette's own 405 is plain text)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        return (Match.FULL if match == Match.PARTIAL else match), child
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+# --- the app ------------------------------------------------------------------------------------
+
+
+class _Busy:
+    """Generation slots: ``max_concurrent`` run, ``max_queue`` wait; counted on the event loop."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.running = self.waiting = 0
+        self._semaphore: asyncio.Semaphore | None = None
+
+    async def acquire(self, deadline: float) -> None:
+        if self._semaphore is None:  # made on the loop that serves
+            self._semaphore = asyncio.Semaphore(self.config.max_concurrent)
+        if self.running >= self.config.max_concurrent and self.waiting >= self.config.max_queue:
             raise RequestError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"the body is {length:,} bytes; this server takes at most {self.server.max_body_bytes:,}",
+                HTTPStatus.TOO_MANY_REQUESTS,
+                f"{self.running} generations are running and {self.waiting} waiting, the most this server queues: "
+                "try again shortly",
+                code="server_busy",
             )
-        return length
-
-    def handle_expect_100(self) -> bool:
+        self.waiting += 1
         try:
-            self._declared_length()
-        except RequestError as exc:
-            self._error(exc.status, str(exc))  # the client never sends the body
-            return False
-        return super().handle_expect_100()
+            wait = min(self.config.queue_timeout, max(0.0, deadline - time.monotonic()))
+            await asyncio.wait_for(self._semaphore.acquire(), wait)
+        except asyncio.TimeoutError:
+            raise RequestError(
+                HTTPStatus.SERVICE_UNAVAILABLE, f"no generation slot came free within {wait:g} s: try again", code="server_busy"
+            ) from None
+        finally:
+            self.waiting -= 1
+        self.running += 1
 
-    # -- methods ----------------------------------------------------------------------------
-    def do_GET(self) -> None:
-        if self.path != "/health":
-            self._not_here()
+    def release(self) -> None:
+        self.running -= 1
+        assert self._semaphore is not None
+        self._semaphore.release()
+
+
+class Server:
+    """One loaded model behind the OpenAI protocol: the Starlette app (:attr:`app`) and its state."""
+
+    def __init__(self, sampler: Sampler, config: ServeConfig | None = None, template: ChatTemplate | None = None):
+        self.sampler = sampler
+        self.config = config or ServeConfig()
+        self.template = template or ChatTemplate()
+        unknown = sampler.tokenizer.unknown_chars("".join(self.template.to_dict().values()))
+        if unknown:
+            raise CharRNNError(
+                f"the chat template uses characters the model never saw ({''.join(unknown)!r}): "
+                "write its prefixes and separator with characters of the training corpus"
+            )
+        self.model_id = self.config.model_name or "charrnn"
+        self.created = int(time.time())
+        self.fingerprint = "charrnn-" + model_fingerprint(sampler)[:16]
+        self.cache = StateCache(self.config.cache_entries, self.config.cache_bytes)
+        self.busy = _Busy(self.config)
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.config.max_concurrent, thread_name_prefix="charrnn-gen")
+        self.page = resources.files(__package__).joinpath("chat.html").read_bytes()
+        routes: dict[str, dict[str, Handler]] = {
+            "/": {"GET": self.chat_page},
+            "/health": {"GET": self.health},
+            "/v1/models": {"GET": self.models},
+            "/v1/models/{model_id:path}": {"GET": self.one_model},
+            "/v1/completions": {"POST": self.completions},
+            "/v1/chat/completions": {"POST": self.chat_completions},
+            "/complete": {"POST": self.retired},
+        }
+        self.app = Starlette(
+            routes=[_AnyMethod(path, self._endpoint(path, handlers)) for path, handlers in routes.items()]
+            + [_AnyMethod("/{path:path}", self._not_found)]
+        )
+
+    # -- plumbing: methods, errors, CORS, the key --------------------------------------------
+    def _endpoint(self, path: str, handlers: dict[str, Handler]) -> Handler:
+        allowed = sorted({*handlers, "OPTIONS", *(["HEAD"] if "GET" in handlers else [])})
+
+        async def endpoint(request: Request) -> Response:
+            method = request.method
+            if method == "OPTIONS":
+                response = json_response(HTTPStatus.OK, {"path": path, "methods": allowed}, {"Allow": ", ".join(allowed)})
+                if self._origin(request) is not None:
+                    response.headers.update(
+                        {
+                            "Access-Control-Allow-Methods": ", ".join(allowed),
+                            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                            "Access-Control-Max-Age": "600",
+                        }
+                    )
+            else:
+                handler = handlers.get("GET" if method == "HEAD" else method)
+                if handler is None:
+                    message = f"{request.url.path} takes {' or '.join(sorted(handlers))}, not {method}"
+                    exc = RequestError(HTTPStatus.METHOD_NOT_ALLOWED, message, code="method_not_allowed")
+                    response = error_response(exc, {"Allow": ", ".join(allowed)})
+                else:
+                    response = await self._guarded(handler, request)
+            origin = self._origin(request)
+            if origin is not None:
+                response.headers["Access-Control-Allow-Origin"] = origin
+                response.headers["Vary"] = "Origin"
+            return response
+
+        return endpoint
+
+    async def _guarded(self, handler: Handler, request: Request) -> Response:
+        try:
+            return await handler(request)
+        except RequestError as exc:
+            return error_response(exc)
+        except ClientDisconnect:
+            return json_response(HTTPStatus.BAD_REQUEST, error_body(HTTPStatus.BAD_REQUEST, "the client left"))
+        except Exception as exc:  # never a dropped connection or a traceback to the client: one log line
+            log.error("internal error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+            return json_response(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                error_body(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error: see the server log"),
+            )
+
+    async def _not_found(self, request: Request) -> Response:
+        message = f"no {ascii(request.url.path)[1:-1]} here: use POST /v1/chat/completions, POST /v1/completions, GET /v1/models"
+        return error_response(RequestError(HTTPStatus.NOT_FOUND, message, code="not_found"))
+
+    def _origin(self, request: Request) -> str | None:
+        origin = request.headers.get("origin")
+        allowed = self.config.cors_origin
+        if origin is None or not allowed:
+            return None
+        if "*" in allowed:
+            return "*"
+        return origin if origin in allowed else None
+
+    def _check_key(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
             return
-        config = self.server.sampler.model.config
-        self._send_json(
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise RequestError(
+                HTTPStatus.UNAUTHORIZED,
+                "this server needs an API key: send 'Authorization: Bearer KEY' (the key charrnn serve was given)",
+                code="invalid_api_key",
+            )
+
+    def _deadline(self, request: Request) -> float:
+        started = request.scope.get("state", {}).get(_STARTED, time.monotonic())
+        return started + self.config.request_timeout
+
+    async def _json_body(self, request: Request, deadline: float) -> dict[str, Any]:
+        """The body, its size bound enforced while reading, within the request's deadline."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_large = f"the body is over this server's limit of {limit:,} bytes: send less"
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, too_large, code="body_too_large")
+        body = bytearray()
+        try:
+            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, too_large, code="body_too_large")
+        except TimeoutError:
+            raise RequestError(  # closes the connection (see error_response): the rest of the body is not waited for
+                HTTPStatus.REQUEST_TIMEOUT,
+                f"the body did not arrive within {self.config.request_timeout:g} s (it had {len(body):,} bytes): send it at once",
+                code="timeout",
+            ) from None
+        return parse_body(bytes(body))
+
+    # -- the endpoints ---------------------------------------------------------------------
+    async def chat_page(self, request: Request) -> Response:
+        # The page fetches nothing from anywhere else, and the policy makes sure of it.
+        policy = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:"
+        return Response(self.page, media_type="text/html; charset=utf-8", headers={"Content-Security-Policy": policy})
+
+    async def health(self, request: Request) -> Response:
+        config = self.config
+        return json_response(
             HTTPStatus.OK,
             {
                 "status": "ok",
-                "model": {**config.to_dict()},
+                "model": {"id": self.model_id, **self.sampler.model.config.to_dict()},
+                "template": self.template.to_dict(),
                 "limits": {
-                    "max_length": self.server.max_length,
-                    "max_body_bytes": self.server.max_body_bytes,
-                    "max_concurrent": self.server.max_concurrent,
+                    "max_length": config.max_length,
+                    "max_n": config.max_n,
+                    "max_body_bytes": config.max_body_bytes,
+                    "max_concurrent": config.max_concurrent,
+                    "max_queue": config.max_queue,
+                    "request_timeout": config.request_timeout,
                     "max_stops": MAX_STOPS,
                     "max_stop_chars": MAX_STOP_CHARS,
                 },
                 "defaults": {
-                    "length": self.server.default_length,
+                    "max_tokens": config.default_length,
                     **{k: getattr(SAMPLE_DEFAULTS, k) for k in ("temperature", "top_k", "top_p")},
                 },
+                "cache": self.cache.stats(),
+                "load": {"running": self.busy.running, "waiting": self.busy.waiting},
+                "auth": config.api_key is not None,
             },
         )
 
-    def do_POST(self) -> None:
-        if self.path != "/complete":
-            self._not_here()
-            return
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "charrnn"}
+
+    async def models(self, request: Request) -> Response:
+        self._check_key(request)
+        return json_response(HTTPStatus.OK, {"object": "list", "data": [self._model_card()]})
+
+    async def one_model(self, request: Request) -> Response:
+        self._check_key(request)
+        if request.path_params["model_id"] != self.model_id:
+            raise RequestError(
+                HTTPStatus.NOT_FOUND, f"this server holds one model, {self.model_id!r}", "model", "model_not_found"
+            )
+        return json_response(HTTPStatus.OK, self._model_card())
+
+    async def retired(self, request: Request) -> Response:
+        raise RequestError(
+            HTTPStatus.GONE,
+            "POST /complete was retired: use POST /v1/completions (the OpenAI protocol; max_tokens for length)",
+            code="retired",
+        )
+
+    async def completions(self, request: Request) -> Response:
+        self._check_key(request)
+        deadline = self._deadline(request)
+        job = completion_job(await self._json_body(request, deadline), self.config, self.sampler.tokenizer)
+        return await self._answer(job, deadline)
+
+    async def chat_completions(self, request: Request) -> Response:
+        self._check_key(request)
+        deadline = self._deadline(request)
+        job = chat_job(await self._json_body(request, deadline), self.config, self.sampler.tokenizer, self.template)
+        return await self._answer(job, deadline)
+
+    # -- generation ------------------------------------------------------------------------
+    def context_for(self, pieces: list[str]) -> tuple[Context, int, int]:
+        """The context after ``pieces``, from the longest prefix in the state cache; with the
+        characters read in all and those a cached state stood for. Runs in a worker thread."""
+        keys = piece_keys(pieces)
+        context, start = None, 0
+        for i in range(len(keys) - 1, -1, -1):
+            context = self.cache.get(keys[i])
+            if context is not None:
+                start = i + 1
+                break
+        self.cache.count(start > 0)
+        for piece in pieces[start:]:  # the same reads, one per piece, as a miss makes: a hit changes nothing
+            context = self.sampler.read(piece, context)
+        if context is None:  # nothing to read: start as a prompt-less sample does
+            context = self.sampler.read("")
+        elif start < len(keys):
+            self.cache.put(keys[-1], context)
+        total = sum(map(len, pieces))
+        return context, total, sum(map(len, pieces[:start]))
+
+    def _work(self, job: Job, emit: Callable[[tuple], None], cancel: threading.Event, deadline: float) -> None:
+        """The generation of one request in a worker thread: ``("ready", prompt chars, cached chars)``,
+        then ``("piece", i, text)`` and ``("end", i, finish_reason)`` per choice, ``("done",)``;
+        ``("error", exception)`` in place of the rest when something fails."""
         try:
+            context, total, cached = self.context_for(job.pieces)
+            emit(("ready", total, cached))
+            for i, seed in enumerate(job.seeds()):
+                reply = self.sampler.continue_from(context, keep_context=False, seed=seed, **job.options)
+                try:
+                    for piece in reply:
+                        if cancel.is_set():
+                            return
+                        if time.monotonic() > deadline:
+                            emit(("error", TimeoutError(f"the reply took longer than {self.config.request_timeout:g} s")))
+                            return
+                        emit(("piece", i, piece))
+                finally:
+                    reply.close()  # a client that left stops the generation here
+                emit(("end", i, reply.finish_reason))
+            emit(("done",))
+        except BaseException as exc:  # handed to the event loop, which answers it
+            emit(("error", exc))
+
+    async def _start(self, job: Job, deadline: float) -> tuple[asyncio.Queue, threading.Event, Answer]:
+        """Wait for a slot, start the job in a worker, and wait until its prompt is read."""
+        await self.busy.acquire(deadline)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(item: tuple) -> None:
             try:
-                length = self._declared_length()
-            except RequestError as exc:
-                if exc.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
-                    self._drain()
-                raise
-            prompt, options, stream = _parse_request(self.rfile.read(length), self.server)
-            if not self.server.slots.acquire(timeout=self.server.queue_timeout):
-                raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is busy: try again shortly")
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop has closed (the server is stopping): nobody to tell
+                cancel.set()
+
+        def work() -> None:
             try:
-                self._complete(prompt, options, stream)
+                self._work(job, emit, cancel, deadline)
             finally:
-                self.server.slots.release()
-        except RequestError as exc:
-            self._error(exc.status, str(exc))
-        except CharRNNError as exc:  # a prompt the model cannot read
-            self._error(HTTPStatus.BAD_REQUEST, str(exc))
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client left; nothing to answer
-        except Exception as exc:  # never a traceback to the client; the log gets it
-            self.log_error("internal error: %r", exc)
-            if self._streaming:  # the 200 is out already: end the stream with an error event
-                self._event({"error": "internal error: see the server log"}, name="error")
-            else:
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error: see the server log")
+                try:
+                    loop.call_soon_threadsafe(self.busy.release)
+                except RuntimeError:
+                    pass
 
-    def do_PUT(self) -> None:
-        self._not_here()
-
-    do_DELETE = do_PATCH = do_PUT
-
-    def _not_here(self) -> None:
-        known = {"/health": "GET", "/complete": "POST"}
-        if self.path in known:
-            self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.path} takes {known[self.path]}")
-        else:
-            self._error(HTTPStatus.NOT_FOUND, f"no {self.path} here: use POST /complete or GET /health")
-
-    def _drain(self) -> None:
-        """Read and drop a too-large body (up to a bound) so the 413 reaches the client."""
         try:
-            remaining = min(int(self.headers.get("Content-Length", 0)), _DRAIN_BYTES)
-            while remaining > 0:
-                chunk = self.rfile.read(min(remaining, 65536))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-        except (OSError, ValueError):
-            pass
-
-    # -- generation -------------------------------------------------------------------------
-    def _complete(self, prompt: str, options: dict[str, Any], stream: bool) -> None:
-        sampler = self.server.sampler
-        unknown = sampler.tokenizer.unknown_chars(prompt)
-        warnings = [sampler.tokenizer.unknown_note(unknown)] if unknown else []
-        # Reading the prompt checks it: a refused one still gets a JSON 400, before any 200 goes out.
-        pieces = sampler.continue_from(sampler.read(prompt), keep_context=False, **options)
+            self.pool.submit(work)
+        except BaseException:
+            self.busy.release()
+            raise
         try:
-            first = next(pieces, "")
-            if not stream:
-                text = first + "".join(pieces)
-                self._send_json(
-                    HTTPStatus.OK, {"text": text, **self._summary(len(text), pieces.finish_reason, options, warnings)}
-                )
-                return
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("X-Accel-Buffering", "no")  # proxies: pass each event on at once
-            self.send_header("Connection", "close")  # the stream ends when the connection does
-            self.end_headers()
-            self.close_connection = True
-            self._streaming = True
-            text_length = 0
-            for piece in _prepend(first, pieces):
-                self._event({"text": piece})
-                text_length += len(piece)
-            self._event(self._summary(text_length, pieces.finish_reason, options, warnings), name="done")
+            first = await _get(queue, deadline)
+        except TimeoutError:
+            cancel.set()
+            raise _as_request_error(TimeoutError("reading the prompt")) from None
+        if first[0] == "error":
+            raise _as_request_error(first[1])
+        answer = Answer(job, self.model_id, self.fingerprint, prompt_chars=first[1], cached_chars=first[2])
+        return queue, cancel, answer
+
+    async def _answer(self, job: Job, deadline: float) -> Response:
+        queue, cancel, answer = await self._start(job, deadline)
+        if job.stream:
+            return StreamingResponse(
+                self._events(queue, cancel, answer, deadline),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        texts, reasons = [""] * job.n, [None] * job.n
+        try:
+            while (item := await _get(queue, deadline))[0] != "done":
+                if item[0] == "piece":
+                    texts[item[1]] += item[2]
+                elif item[0] == "end":
+                    reasons[item[1]] = item[2]
+                elif item[0] == "error":
+                    raise _as_request_error(item[1])
+        except TimeoutError:
+            raise _as_request_error(TimeoutError("the reply")) from None
         finally:
-            pieces.close()  # a client that left stops the generation here
+            cancel.set()
+        return json_response(HTTPStatus.OK, answer.body(texts, reasons))
 
-    def _summary(self, text_length: int, reason: str | None, options: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
-        return {"finish_reason": reason, "seed": options["seed"], "length": text_length, "warnings": warnings}
+    async def _events(
+        self, queue: asyncio.Queue, cancel: threading.Event, answer: Answer, deadline: float
+    ) -> AsyncIterator[bytes]:
+        """The stream: a first chunk per choice, the pieces (those waiting, joined into one chunk), the ends, [DONE]."""
+        written, started = 0, set()
+        try:
+            while True:
+                try:
+                    items = [await _get(queue, deadline)]
+                except TimeoutError:
+                    items = [("error", TimeoutError("the stream"))]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                out = []
+                for item in _coalesce(items):
+                    kind = item[0]
+                    if kind == "piece":
+                        _, i, text = item
+                        first = i not in started
+                        started.add(i)
+                        written += len(text)
+                        out.append(sse(answer.chunk(i, text, first=first)))
+                    elif kind == "end":
+                        _, i, reason = item
+                        if i not in started and answer.job.kind == "chat":
+                            started.add(i)
+                            out.append(sse(answer.chunk(i, "", first=True)))
+                        out.append(sse(answer.chunk(i, None if answer.job.kind == "chat" else "", reason)))
+                    elif kind == "error":
+                        exc = _as_request_error(item[1])
+                        out.append(sse(exc.body()))
+                        yield b"".join(out)
+                        return
+                    elif kind == "done":
+                        if answer.job.include_usage:
+                            out.append(sse(answer.usage_chunk(written)))
+                        out.append(sse("[DONE]"))
+                        yield b"".join(out)
+                        return
+                yield b"".join(out)
+        finally:
+            cancel.set()  # the client left (or the stream ended): the worker stops at its next character
 
-    def _event(self, payload: dict[str, Any], name: str | None = None) -> None:
-        head = f"event: {name}\n" if name else ""
-        self.wfile.write(f"{head}data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+    # -- running ---------------------------------------------------------------------------
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
-    """``first`` (when not empty), then the rest."""
-    if first:
-        yield first
-    yield from rest
+async def _get(queue: asyncio.Queue, deadline: float) -> tuple:
+    """The worker's next item; TimeoutError past the deadline (with a second's grace for the worker's own check)."""
+    try:
+        return await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()) + 1.0)
+    except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+        raise TimeoutError from None
+
+
+def _coalesce(items: list[tuple]) -> list[tuple]:
+    """Adjacent pieces of one choice as one piece: a slow reader gets fewer, larger chunks."""
+    out: list[tuple] = []
+    for item in items:
+        if item[0] == "piece" and out and out[-1][0] == "piece" and out[-1][1] == item[1]:
+            out[-1] = ("piece", item[1], out[-1][2] + item[2])
+        else:
+            out.append(item)
+    return out
+
+
+def _as_request_error(exc: BaseException) -> RequestError:
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, CharRNNError):  # a prompt the model cannot read: the client's to fix
+        return RequestError(HTTPStatus.BAD_REQUEST, str(exc), "messages", "invalid_prompt")
+    if isinstance(exc, TimeoutError):
+        return RequestError(HTTPStatus.GATEWAY_TIMEOUT, f"{exc} went past this server's request deadline", code="timeout")
+    log.error("internal error in a generation: %s: %s", type(exc).__name__, exc)
+    return RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error: see the server log", code="internal_error")
+
+
+def model_id_for(path: str | Path) -> str:
+    """The id a checkpoint is served as: its run folder's name (``best``/``last`` name the folder above)."""
+    path = Path(path).resolve()
+    return path.parent.name if path.name in ("best", "last") else path.name
+
+
+def listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening socket (port 0: any free one); the backlog takes a burst of connections at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def uvicorn_server(server: Server) -> uvicorn.Server:
+    """The uvicorn server that runs ``server.app`` with its limits (call ``run(sockets=[...])``)."""
+    config = uvicorn.Config(
+        server.app,
+        http=protocol_class(server.config.request_timeout),
+        ws="none",
+        lifespan="off",
+        access_log=not server.config.quiet,
+        log_level="warning" if server.config.quiet else "info",
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=2,
+        backlog=server.config.backlog,
+        server_header=False,
+    )
+    return uvicorn.Server(config)
+
+
+class Running:
+    """A server running in a background thread (tests, benchmarks): ``url``, then ``stop()``."""
+
+    def __init__(self, sampler: Sampler, config: ServeConfig | None = None, template: ChatTemplate | None = None):
+        self.server = Server(sampler, config, template)
+        config = self.server.config
+        self.socket = listen(config.host, config.port, config.backlog)
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://{config.host}:{self.port}"
+        self._uvicorn = uvicorn_server(self.server)
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self.socket]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._uvicorn.should_exit = True
+        self._thread.join(30)
+        self.server.close()
+        self.socket.close()
+
+    def __enter__(self) -> "Running":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

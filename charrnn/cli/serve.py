@@ -1,76 +1,92 @@
-"""``charrnn serve`` (also ``charrnn-serve``): the HTTP server on a trained model."""
+"""``charrnn serve`` (also ``charrnn-serve``): the OpenAI-compatible server on a trained model."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..apps.server import DEFAULT_HOST, DEFAULT_PORT, MAX_BODY_BYTES, MAX_CONCURRENT, MAX_LENGTH, make_server
-from ..config import SAMPLE_DEFAULTS
+from ..apps.serve_config import ServeConfig
+from ..checkpoint import find_latest_checkpoint
 from ..errors import ConfigError
+from ..generation.chat import ChatTemplate
 from ..generation.sampler import load
-from .options import add_runtime_options, new_parser, run_cli
+from .options import add_fields, add_runtime_options, new_parser, pick, run_cli, unescape
 
-HELP = "serve a trained model over HTTP"
+HELP = "serve a trained model over HTTP (the OpenAI API, and a chat page)"
+
+
+def _shown(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
 
 
 def build_parser(prog: str = "charrnn-serve") -> argparse.ArgumentParser:
+    defaults = ChatTemplate()
     parser = new_parser(
         prog,
-        "Serve a trained charrnn model over HTTP: POST /complete (JSON, or server-sent events "
-        'with "stream": true) and GET /health.',
+        "Serve a trained charrnn model over HTTP with the OpenAI protocol: GET /v1/models, POST /v1/completions, "
+        'POST /v1/chat/completions (streamed as server-sent events with "stream": true), GET /health, and a chat '
+        "page at GET /. Needs the serve extra: pip install 'charrnn[serve]'.",
+        "In the template options, \\n means a newline and \\t a tab.",
     )
-    parser.add_argument(
-        "--host", default=DEFAULT_HOST, help="address to bind; anything but 127.0.0.1 opens the model to the network"
-    )
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free port)")
     add_runtime_options(parser)
-    parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="most characters one request may ask for")
+    add_fields(parser, ServeConfig, "server")
     parser.add_argument(
-        "--default-length",
-        type=int,
-        default=None,
-        help=f"characters when a request gives no length (default: {SAMPLE_DEFAULTS.length}, at most --max-length)",
+        "--cors-origin", action="append", default=[], help=ServeConfig.__dataclass_fields__["cors_origin"].metadata["help"]
     )
-    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body accepted")
-    parser.add_argument("--max-concurrent", type=int, default=MAX_CONCURRENT, help="generations running at once; others wait")
-    parser.add_argument("--quiet", action="store_true", help="do not log each request")
+    group = parser.add_argument_group("chat template (how /v1/chat/completions writes messages into text)")
+    group.add_argument("--user-prefix", default=_shown(defaults.user_prefix), help="written before each user message")
+    group.add_argument("--bot-prefix", default=_shown(defaults.bot_prefix), help="written before each reply")
+    group.add_argument("--separator", default=_shown(defaults.turn_separator), help="ends every turn; a reply stops at it")
     return parser
 
 
 def run(argv: list[str], prog: str = "charrnn-serve") -> int:
     args = build_parser(prog).parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
-    limits = dict(
-        max_length=args.max_length,
-        default_length=args.default_length,
-        max_body_bytes=args.max_body_bytes,
-        max_concurrent=args.max_concurrent,
-        quiet=args.quiet,
-    )
-    sampler = load(args.checkpoint, device=args.device, dtype=args.precision)
+    values = vars(args)
+    values["cors_origin"] = tuple(args.cors_origin)
+    values["api_key"] = args.api_key if args.api_key is not None else os.environ.get("CHARRNN_API_KEY") or None
+    config = pick(ServeConfig, values)  # checked before the model loads
+    template = ChatTemplate(unescape(args.user_prefix), unescape(args.bot_prefix), unescape(args.separator))
     try:
-        server = make_server(sampler, args.host, args.port, **limits)
+        from ..apps import server as app
+    except ImportError as exc:
+        raise ConfigError(f"charrnn serve needs the serve extra ({exc.name} is missing): pip install 'charrnn[serve]'") from None
+    checkpoint = args.checkpoint if args.checkpoint is not None else find_latest_checkpoint()
+    if config.model_name is None:
+        config = pick(ServeConfig, {**values, "model_name": app.model_id_for(checkpoint)})
+    sampler = load(checkpoint, device=args.device, dtype=args.precision)
+    server = app.Server(sampler, config, template)
+    try:
+        sock = app.listen(config.host, config.port, config.backlog)
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {args.host}: anyone who can reach it can use this model", file=sys.stderr)
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+    if not config.loopback:
+        print(f"warning: listening on {config.host}: anyone who can reach it can use this model", file=sys.stderr)
+    runner = app.uvicorn_server(server)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # SIGTERM stops the server as Ctrl-C does
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"charrnn-serve: listening on {server.url} (POST /complete, GET /health; Ctrl-C stops)", flush=True)
+    print(
+        f"charrnn-serve: listening on http://{shown}:{port} (model {config.model_name!r}; OpenAI API under /v1, "
+        "chat page at /; Ctrl-C stops)",
+        flush=True,
+    )
     try:
-        server.serve_forever()
+        runner.run(sockets=[sock])
     except KeyboardInterrupt:
-        print("charrnn-serve: stopped", file=sys.stderr, flush=True)
+        pass
     finally:
-        server.server_close()
+        server.close()
+        sock.close()
+    print("charrnn-serve: stopped", file=sys.stderr, flush=True)
     return 0
 
 

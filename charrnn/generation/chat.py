@@ -79,6 +79,10 @@ class ChatTemplate:
         stop = self.turn_separator or self.user_prefix
         return (stop,) if stop else ()
 
+    def separator_after(self, tail: str) -> str:
+        """What a text ending in ``tail`` still needs to end with the turn separator ("" at the start)."""
+        return _missing_separator(tail, self.turn_separator)
+
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
 
