@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
+from .._io import parse_json
+from ..config import MAX_SEED
 from ..errors import PromptError
 from ..generation.chat import ChatTemplate
 from ..tokenizer import CharTokenizer
 from .serve_config import ServeConfig
 
 MAX_STOPS, MAX_STOP_CHARS = 8, 64  # stop strings are checked after every character: bound them
-MAX_SEED = (1 << 63) - 1
-MAX_JSON_DEPTH = 32
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _IGNORED = {"model", "user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 _COMMON = {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "stream", "stream_options"}
@@ -111,18 +111,6 @@ def _encodable(text: str, path: str) -> None:
         ) from None
 
 
-def _depth(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests containers deeper than ``limit`` (checked without recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > limit:
-                return True
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return False
-
-
 def parse_body(body: bytes) -> dict[str, Any]:
     """The JSON object of a request body, or a 400 that says what is wrong with it."""
     if not body.strip():
@@ -132,15 +120,13 @@ def parse_body(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise _bad(f"the body is not UTF-8 text (byte {exc.start}): send UTF-8 JSON", None) from None
     try:
-        value = json.loads(text)
+        value = parse_json(text)  # the bounds every outside JSON gets: nesting, number length, no NaN
     except json.JSONDecodeError as exc:
         raise _bad(f"the body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", None) from None
-    except (RecursionError, ValueError) as exc:  # nesting past the parser's stack; a number of 4,300+ digits
+    except ValueError as exc:
         raise _bad(f"the body is not JSON this server reads ({str(exc)[:80]})", None) from None
     if not isinstance(value, dict):
         raise _bad("the body must be a JSON object, not " + type(value).__name__, None)
-    if _depth(value, MAX_JSON_DEPTH):
-        raise _bad(f"the body nests deeper than {MAX_JSON_DEPTH} levels", None)
     _no_surrogates(value)
     return value
 

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from ..config import SampleConfig
+from ..config import MAX_SEED, SampleConfig
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -56,5 +56,5 @@ def pick_next(logits: torch.Tensor, config: SampleConfig, uniforms: torch.Tensor
 def new_generator(seed: int | None) -> torch.Generator:
     """A CPU generator from ``seed``, or from fresh OS entropy when it is None."""
     if seed is None:
-        seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+        seed = int.from_bytes(os.urandom(8), "little") & MAX_SEED
     return torch.Generator().manual_seed(seed)
