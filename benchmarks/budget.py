@@ -36,6 +36,10 @@ from charrnn.config import ModelConfig, TrainConfig  # noqa: E402
 from charrnn.training.trainer import Trainer  # noqa: E402
 
 
+# The settings `auto` chooses, recorded for every run so that a row says what it trained.
+RECORDED_TRAIN = ("batch_size", "seq_len", "lr", "min_lr", "warmup_iters", "weight_decay", "grad_clip")
+
+
 def train_charrnn(data: str, seconds: float, dtype: str, model_args: dict, train_args: dict) -> dict:
     """charrnn's trainer for ``seconds`` (its own --max-time); the best full-split validation loss."""
     with tempfile.TemporaryDirectory() as out:
@@ -58,7 +62,7 @@ def train_charrnn(data: str, seconds: float, dtype: str, model_args: dict, train
         "kind": "charrnn",
         "dtype": dtype,
         "model": meta["model"],
-        "train": {k: meta["train"][k] for k in train_args},
+        "train": {k: meta["train"][k] for k in (*RECORDED_TRAIN, *train_args)},
         "steps": result.step,
         "val": result.best_val_loss,
         "wall": wall,
