@@ -1,15 +1,19 @@
 """Bad input, everywhere: each mistake is a clear one-line error, never a traceback or a hang.
 
-The command-line cases run train.py / sample.py as real processes (launched together,
-so that their start-up costs overlap); the library cases cover the long tail of values.
+The command-line cases run the ``main`` of train.py / sample.py in-process, and as real
+processes where the process is the point (argparse's exit, undecodable bytes in argv);
+the library cases cover the long tail of values.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 import tracemalloc
+from contextlib import redirect_stderr, redirect_stdout
+from unittest import mock
 
 import pytest
 from conftest import PYTHON, SAMPLE_SCRIPT, TINY_TRAIN_FLAGS, TRAIN_SCRIPT, tiny_model_config, tiny_train_config
@@ -112,9 +116,30 @@ def _cli_cases(corpora, trained_run, moved_run, tmp):
     }
 
 
+# Cases whose point is the real process: argparse's own exit, and bytes in the real argv.
+# The others run in-process through the same ``main`` that train.py and sample.py call.
+PROCESS_CASES = ("train-unknown-cell", "sample-non-utf8-prompt-bytes")
+
+
+def _run_in_process(args, cwd, env):
+    """``main`` of train.py or sample.py on ``args``, as the script would run it: (exit code, stdout, stderr)."""
+    main = {TRAIN_SCRIPT: train_main, SAMPLE_SCRIPT: sample_main}[args[0]]
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    with mock.patch.dict(os.environ, env, clear=True), redirect_stdout(out), redirect_stderr(err):
+        os.chdir(cwd)
+        try:
+            code = main([str(a) for a in args[1:]])
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            os.chdir(here)
+    return code, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture(scope="module")
 def cli_results(tmp_path_factory, subprocess_env, trained_run):
-    """Run every command-line case at once; name -> (case, completed process)."""
+    """Run every command-line case; name -> (case, completed process)."""
     tmp = tmp_path_factory.mktemp("bad_input")
     corpora = _corpora(tmp / "corpora")
     moved_run = tmp / "moved-run"  # a copy of the trained run: resuming it must write here, not to the original
@@ -122,7 +147,7 @@ def cli_results(tmp_path_factory, subprocess_env, trained_run):
     cases = _cli_cases(corpora, trained_run, moved_run, tmp)
     procs = {
         name: subprocess.Popen(
-            [PYTHON, *map(str, args)],
+            [PYTHON, *map(str, cases[name][0])],
             cwd=tmp,
             env=subprocess_env,
             stdin=subprocess.DEVNULL,
@@ -132,10 +157,13 @@ def cli_results(tmp_path_factory, subprocess_env, trained_run):
             encoding="utf-8",
             errors="replace",
         )
-        for name, (args, _, _) in cases.items()
+        for name in PROCESS_CASES
     }
     results = {}
     try:
+        for name, (args, _, _) in cases.items():  # in-process while the processes start
+            if name not in procs:
+                results[name] = (cases[name], subprocess.CompletedProcess(args, *_run_in_process(args, tmp, subprocess_env)))
         for name, proc in procs.items():
             out, err = proc.communicate(timeout=180)
             results[name] = (cases[name], subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
