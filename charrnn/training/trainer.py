@@ -36,7 +36,7 @@ from ..data.token_cache import corpus_tokens
 from ..device import autocast, resolve_device, resolve_dtype
 from ..errors import CharRNNError, CheckpointError, ConfigError, CorpusError, PeerLostError, TrainingError
 from ..evaluation import evaluate
-from ..model import CharRNN, Hidden, count_parameters, detach_hidden, load_grown
+from ..model import CELL_TABLE, CharRNN, State, count_parameters, load_grown
 from .callbacks import Callback, PreviewFunction, default_callbacks, trigger
 from .distributed import Distributed, peer_lost
 from .sizing import plan_run
@@ -385,7 +385,7 @@ class Trainer:
 
         self.step = 0
         self.position = StreamPosition()
-        self.hidden: Hidden | None = None
+        self.hidden: State | None = None  # carried across batches; None: zeros
         self.elapsed = self.plan.probe_seconds  # the probe of this machine counts in --max-time
         self.best_val = math.inf
         self.evals_without_improvement = 0
@@ -454,7 +454,7 @@ class Trainer:
                 tensors[f"optim.{index}.{key}"] = value
         if self.hidden is not None:
             # The whole layout's state, rows in rank order: any process count can pick up its rows.
-            for i, h in enumerate(self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)):
+            for i, h in enumerate(self.hidden.tensors()):  # hidden.0 = h, hidden.1 = c (LSTM)
                 tensors[f"hidden.{i}"] = self.dist.gather_rows(h)
         state = {
             "step": self.step,
@@ -464,7 +464,7 @@ class Trainer:
             "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
             "evals_without_improvement": self.evals_without_improvement,
             "param_groups": opt["param_groups"],
-            "hidden_parts": 0 if self.hidden is None else (2 if isinstance(self.hidden, tuple) else 1),
+            "hidden_parts": 0 if self.hidden is None else len(self.hidden.tensors()),
             "world_size": self.dist.world_size,
         }
         return tensors, state
@@ -488,12 +488,14 @@ class Trainer:
                 torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
             parts = [tensors[f"hidden.{i}"].to(self.device) for i in range(state["hidden_parts"])]
             layers, width = self.model_config.n_layers, self.model_config.hidden_size
-            if any(p.dim() != 3 or (p.size(0), p.size(2)) != (layers, width) or not p.is_floating_point() for p in parts):
-                raise ValueError(f"saved hidden state does not fit a {layers}x{width} model")
-            rows = self.streams.rows
-            if parts and parts[0].size(1) == self.streams.batch_size:  # same global layout
-                parts = [p[:, rows] for p in parts]
-            self.hidden = None if not parts else (tuple(parts) if len(parts) == 2 else parts[0])
+            expected = len(CELL_TABLE[self.model_config.cell].state_names)
+            if any(p.dim() != 3 or (p.size(0), p.size(2)) != (layers, width) or not p.is_floating_point() for p in parts) or (
+                parts and len(parts) != expected
+            ):
+                raise ValueError(f"saved hidden state does not fit a {layers}x{width} {self.model_config.cell} model")
+            self.hidden = State.from_tensors(parts) if parts else None
+            if self.hidden is not None and self.hidden.streams == self.streams.batch_size:  # same global layout
+                self.hidden = self.hidden.select(self.streams.rows)
             self.step = int(state["step"])
             self.position = StreamPosition(int(state["epoch"]), int(state["index"]))
             self.elapsed = float(state["elapsed"])
@@ -648,7 +650,7 @@ class Trainer:
                 f"the weights. Lower --lr, then resume from {self.run_dir / 'last'}"
             )
         self.optimizer.step()
-        self.hidden = detach_hidden(hidden)
+        self.hidden = hidden.detach()  # truncated BPTT: the values carry on, the graph stops here
         self.step += 1
         self.position = self.streams.next(self.position)
         return loss_value
