@@ -25,7 +25,7 @@ from .errors import (
 )
 from .generation.chat import ChatSession, ChatTemplate
 from .generation.sampler import Context, Continuation, Sampler, load
-from .model import CharRNN
+from .model import CharRNN, State
 from .tokenizer import CharTokenizer
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "SampleConfig",
     "Sampler",
     "SessionFileError",
+    "State",
     "TrainConfig",
     "TrainingError",
     "__version__",

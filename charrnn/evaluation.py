@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .device import autocast
-from .model import CharRNN, detach_hidden
+from .model import CharRNN
 
 LN2 = math.log(2)
 DYNAMIC_LR = 0.1  # SGD step of dynamic evaluation: best of 0.03, 0.1, 0.3 on the end of the training split
@@ -121,5 +121,5 @@ def dynamic_evaluate(
                         p -= lr * p.grad
                     if decay:
                         p += decay * (p0 - p)
-            hidden = detach_hidden(hidden)
+            hidden = hidden.detach()  # a State: truncated BPTT between segments
     return total / n

@@ -8,8 +8,9 @@ character at a time uses ``charrnn.stepper`` instead, over the same weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -17,19 +18,123 @@ from torch import nn
 from .config import CELLS as CELL_NAMES
 from .config import ModelConfig
 
-# An LSTM's state is (h, c); the other cells carry h alone.
-Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+# torch's own form of a state: an LSTM's is (h, c), the other cells' h alone. Only
+# CharRNN.forward meets it (State.as_torch / State.from_torch); everything else holds a State.
+TorchHidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+class State(NamedTuple):
+    """The recurrent state of B streams, the same type for every cell.
+
+    ``h`` is (L, B, H); ``c`` is the LSTM's cell state, the same shape, and None for the
+    cells that carry h alone. Every operation maps over the tensors present, so code that
+    holds a state never asks which cell made it. A NamedTuple, so torch's tree utilities
+    (DDP, ``torch.compile``) see through it.
+    """
+
+    h: torch.Tensor
+    c: torch.Tensor | None = None
+
+    @classmethod
+    def zeros(cls, layers: int, batch: int, hidden: int, cell_state: bool, device: torch.device | str | None = None) -> "State":
+        """The zero state of ``batch`` streams; with ``cell_state``, c too."""
+        h = torch.zeros(layers, batch, hidden, device=device)
+        return cls(h, h.clone() if cell_state else None)
+
+    @classmethod
+    def from_torch(cls, hidden: "TorchHidden | State") -> "State":
+        """A State from what ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` return (a State is taken as it is)."""
+        return cls(hidden) if isinstance(hidden, torch.Tensor) else cls(*hidden)
+
+    def as_torch(self) -> TorchHidden:
+        """The form torch's recurrent modules take: (h, c), or h alone."""
+        return self.h if self.c is None else (self.h, self.c)
+
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[torch.Tensor]) -> "State":
+        """The inverse of :meth:`tensors`: (h,) or (h, c)."""
+        if len(tensors) not in (1, 2):
+            raise ValueError(f"a state has 1 or 2 tensors (h, and c for an LSTM), got {len(tensors)}")
+        return cls(*tensors)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors present, (h,) or (h, c): what a file holds, in this order."""
+        return (self.h,) if self.c is None else (self.h, self.c)
+
+    def named(self) -> dict[str, torch.Tensor]:
+        """The tensors present by name, {"h": ...} or {"h": ..., "c": ...}."""
+        return dict(zip(self._fields, self.tensors()))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "State":
+        """``fn`` applied to every tensor present."""
+        return State(fn(self.h), None if self.c is None else fn(self.c))
+
+    @property
+    def has_cell_state(self) -> bool:
+        return self.c is not None
+
+    @property
+    def streams(self) -> int:
+        """B, the number of streams side by side."""
+        return self.h.size(1)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def detach(self) -> "State":
+        """Cut the graph between truncated-BPTT chunks while keeping the values."""
+        return self.map(torch.Tensor.detach)
+
+    def clone(self) -> "State":
+        return self.map(torch.Tensor.clone)
+
+    def to(self, *args: Any, **kwargs: Any) -> "State":
+        """As ``Tensor.to`` (a device, a dtype), for every tensor."""
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    def select(self, rows: torch.Tensor | slice | Sequence[int]) -> "State":
+        """The state of some of the streams (``rows`` index B)."""
+        return self.map(lambda t: t[:, rows])
+
+    def expand(self, streams: int) -> "State":
+        """One stream's state for ``streams`` streams side by side (views, no copies)."""
+        return self.map(lambda t: t.expand(-1, streams, -1))
+
+    def kernel_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """h and c as charrnn's compiled kernel takes them: contiguous float32, c empty when absent."""
+        h = self.h.float().contiguous()
+        return h, (torch.empty(0) if self.c is None else self.c.float().contiguous())
+
+    @classmethod
+    def from_kernel(cls, h: torch.Tensor, c: torch.Tensor) -> "State":
+        """The inverse of :meth:`kernel_form`: an empty c is no cell state."""
+        return cls(h, c if c.numel() else None)
+
+    @classmethod
+    def stack(cls, h: Sequence[torch.Tensor], c: Sequence[torch.Tensor]) -> "State":
+        """A state from per-layer tensors (B, H); an empty ``c`` is no cell state."""
+        return cls(torch.stack(list(h)), torch.stack(list(c)) if len(c) else None)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """What charrnn needs to know of a recurrent cell, in one place."""
+    """What charrnn needs to know of a recurrent cell, in one place.
+
+    The compiled kernel (``csrc/step.cpp``) takes ``gates`` and ``has_cell_state`` from
+    here and checks them against the arithmetic it runs for ``kernel_id``: a new cell is
+    one row here plus its arithmetic in the stepper and the kernel's ``cell_update``.
+    """
 
     module: type[nn.RNNBase]  # torch's fused stack of this cell
     gates: int  # gate blocks per unit in torch's weight rows (G)
-    kernel_id: int  # its number in csrc/step.cpp's ``enum Cell``
+    kernel_id: int  # which arithmetic of csrc/step.cpp's ``cell_update`` computes it
     has_cell_state: bool  # carries c beside h (LSTM)
     options: dict[str, Any] = field(default_factory=dict)  # extra arguments of ``module``
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """The names of its state's tensors, as :meth:`State.named` gives them: ("h", "c") or ("h",)."""
+        return State._fields if self.has_cell_state else State._fields[:1]
 
 
 CELL_TABLE: dict[str, Cell] = {
@@ -68,24 +173,18 @@ class CharRNN(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
 
-    def init_hidden(self, batch_size: int, device: torch.device | str | None = None) -> Hidden:
-        """Zero state for ``batch_size`` streams: (L, B, H), or a pair of them for LSTM."""
+    def init_hidden(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        """The zero state for ``batch_size`` streams (h, and c for an LSTM: each (L, B, H))."""
         device = device if device is not None else self.head.weight.device
-        zeros = torch.zeros(self.config.n_layers, batch_size, self.config.hidden_size, device=device)
-        return (zeros, zeros.clone()) if CELL_TABLE[self.config.cell].has_cell_state else zeros
+        cfg = self.config
+        return State.zeros(cfg.n_layers, batch_size, cfg.hidden_size, CELL_TABLE[cfg.cell].has_cell_state, device)
 
-    def forward(self, idx: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
-        """idx (B, T) int64 -> logits (B, T, V) and the state after the last step."""
+    def forward(self, idx: torch.Tensor, hidden: State | None = None) -> tuple[torch.Tensor, State]:
+        """idx (B, T) int64 -> logits (B, T, V) and the :class:`State` after the last step (None: zeros)."""
         x = self.embedding(idx)  # (B, T, E)
-        out, hidden = self.rnn(x, hidden)  # (B, T, H)
-        return self.head(self.dropout(out)), hidden
-
-
-def detach_hidden(hidden: Hidden) -> Hidden:
-    """Cut the graph between truncated-BPTT chunks while keeping the values."""
-    if isinstance(hidden, tuple):
-        return tuple(h.detach() for h in hidden)  # type: ignore[return-value]
-    return hidden.detach()
+        # The one place torch's own form of the state is met: (h, c) for nn.LSTM, h otherwise.
+        out, hidden = self.rnn(x, None if hidden is None else State.from_torch(hidden).as_torch())  # (B, T, H)
+        return self.head(self.dropout(out)), State.from_torch(hidden)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -82,7 +82,7 @@ def test_states_of_every_layer_match_stepping_one_character_at_a_time(cell):
     hs, cs = [], []
     for token in ids:
         _, hidden = stepper.step(token[None], hidden)
-        h, c = hidden if cell == "lstm" else (hidden, None)
+        h, c = hidden  # c is None but for an LSTM
         hs.append(h[:, 0].clone())
         cs.append(None if c is None else c[:, 0].clone())
     assert len(states) == 3

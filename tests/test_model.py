@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from charrnn import CharRNN, ConfigError, ModelConfig
+from charrnn import CharRNN, ConfigError, Context, ModelConfig, State
 from charrnn.config import CELLS
 from charrnn.generation.stepper import Stepper
+from charrnn.model import CELL_TABLE
 
 V, B, T, H, L = 13, 3, 11, 16, 2
 
@@ -23,13 +24,14 @@ def _idx(seed: int = 1, batch: int = B, time: int = T) -> torch.Tensor:
 
 
 def _assert_hidden_shape(cell, hidden, n_layers, batch):
-    if cell == "lstm":
-        assert isinstance(hidden, tuple) and len(hidden) == 2
-        for h in hidden:
+    assert isinstance(hidden, State)
+    if cell == "lstm":  # (h, c)
+        assert hidden.c is not None and len(hidden.tensors()) == 2
+        for h in hidden.tensors():
             assert h.shape == (n_layers, batch, H)
-    else:
-        assert isinstance(hidden, torch.Tensor)
-        assert hidden.shape == (n_layers, batch, H)
+    else:  # h alone
+        assert hidden.c is None and len(hidden.tensors()) == 1
+        assert hidden.h.shape == (n_layers, batch, H)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -53,7 +55,8 @@ def test_hidden_state_carries_across_calls(cell):
     first, hidden = model(idx[:, :4])
     second, hidden = model(idx[:, 4:], hidden)
     torch.testing.assert_close(torch.cat([first, second], 1), full, atol=1e-5, rtol=0)
-    for a, b in zip(hidden if cell == "lstm" else (hidden,), hidden_full if cell == "lstm" else (hidden_full,)):
+    assert len(hidden.tensors()) == len(hidden_full.tensors())
+    for a, b in zip(hidden.tensors(), hidden_full.tensors()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -78,9 +81,46 @@ def test_stepper_matches_full_forward(cell):
             assert logits.shape == (B, V)
             torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=0)
     _assert_hidden_shape(cell, hidden, 2, B)
-    pairs = zip(hidden, hidden_full) if cell == "lstm" else [(hidden, hidden_full)]
-    for a, b in pairs:
+    for a, b in zip(hidden.tensors(), hidden_full.tensors(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_state_is_one_type_for_every_cell(cell):
+    """torch's form (h, or (h, c) for nn.LSTM) goes in and out at the model's edge only; a State maps over what it holds."""
+    model = _model(cell)
+    idx = _idx()
+    full, state = model(idx)
+    torch_form = state.as_torch()
+    if cell == "lstm":
+        assert isinstance(torch_form, tuple) and len(torch_form) == 2
+    else:
+        assert isinstance(torch_form, torch.Tensor)
+    again = State.from_torch(torch_form)
+    assert all(torch.equal(a, b) for a, b in zip(again.tensors(), state.tensors(), strict=True))
+    same = State.from_torch(state)  # a State is taken as it is
+    assert same.h is state.h and same.c is state.c
+    # The torch form still works where a state goes in: the model and a Context take it.
+    first, half = model(idx[:, :4])
+    second, _ = model(idx[:, 4:], half.as_torch())
+    torch.testing.assert_close(torch.cat([first, second], 1), full, atol=1e-5, rtol=0)
+    assert isinstance(Context(full[:, -1], torch_form).hidden, State)
+    assert tuple(state.named()) == CELL_TABLE[cell].state_names
+    assert State.from_tensors(state.tensors()).has_cell_state == CELL_TABLE[cell].has_cell_state
+    # The operations map over h (and c): detach, clone, select, expand, to.
+    grad = model(idx)[1]
+    assert grad.h.requires_grad and not grad.detach().h.requires_grad
+    picked = state.select([0, 2])
+    assert picked.streams == 2 and torch.equal(picked.h, state.h[:, [0, 2]])
+    one = state.select(slice(1, 2))
+    wide = one.expand(5)
+    assert wide.streams == 5 and all(torch.equal(w[:, 4], o[:, 0]) for w, o in zip(wide.tensors(), one.tensors()))
+    copy = state.clone()
+    assert copy.h.data_ptr() != state.h.data_ptr() and torch.equal(copy.h, state.h)
+    assert state.to(torch.float64).h.dtype == torch.float64
+    assert state.nbytes() == sum(t.numel() * 4 for t in state.tensors())
+    with pytest.raises(ValueError, match="a state has 1 or 2 tensors"):
+        State.from_tensors([])
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import fcntl
 import threading
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from charrnn.generation import native
 from charrnn.generation.native import BatchedStepper, NativeStepper, has_tiles, load_kernel
 from charrnn.generation.processors import pick_next
 from charrnn.generation.sampler import Sampler
-from charrnn.model import CELL_TABLE, CharRNN
+from charrnn.model import CELL_TABLE, CharRNN, State
 from charrnn.tokenizer import CharTokenizer
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
@@ -169,7 +170,26 @@ def test_the_kernel_refuses_a_hidden_state_of_another_shape(kernel):
     m = model("lstm")
     h, c = model("lstm", hidden=20).init_hidden(2)
     with pytest.raises(RuntimeError, match=r"hidden state must be contiguous float32 \(2, B, 37\)"):
-        NativeStepper(m, "int8", kernel).step(torch.tensor([1, 2]), (h, c))
+        NativeStepper(m, "int8", kernel).step(torch.tensor([1, 2]), State(h, c))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_the_kernel_takes_the_gate_counts_from_the_cell_table_and_refuses_a_wrong_one(kernel, cell, monkeypatch):
+    row = CELL_TABLE[cell]
+    m = model(cell)
+    with torch.no_grad():  # what the table says is what the kernel runs
+        NativeStepper(m, "float32", kernel).step(torch.tensor([1, 2]), m.init_hidden(2))
+    h = torch.zeros(2, 2, 37)
+    gx, empty = torch.zeros(2, row.gates * 37), torch.empty(0)
+    for gates, has_c in ((row.gates + 1, row.has_cell_state), (row.gates, not row.has_cell_state)):
+        with pytest.raises(RuntimeError, match="charrnn.model.CELL_TABLE and cell_update disagree"):
+            kernel.cell(row.kernel_id, gates, has_c, gx, gx, h, h, 0, h, h, empty, empty)
+    # Through a stepper: the row is read when the weights are packed.
+    monkeypatch.setitem(CELL_TABLE, cell, replace(row, has_cell_state=not row.has_cell_state))
+    with pytest.raises(RuntimeError, match="charrnn.model.CELL_TABLE and cell_update disagree"):
+        NativeStepper(m, "float32", kernel)
+    with pytest.raises(RuntimeError, match="kernel_id 9 names no arithmetic"):
+        kernel.cell(9, row.gates, row.has_cell_state, gx, gx, h, h, 0, h, h, empty, empty)
 
 
 def test_sampling_in_the_kernel_equals_stepping_and_picking(kernel):

@@ -227,7 +227,7 @@ def turns(messages):
 
 def test_the_state_cache_is_bounded_by_count_and_bytes(sampler):
     context = sampler.read("the cat")
-    size = sum(t.numel() * t.element_size() for t in (context.logits, *context.hidden))
+    size = sum(t.numel() * t.element_size() for t in (context.logits, *context.hidden.tensors()))
     cache = StateCache(max_entries=3, max_bytes=10 * size)
     for key in "abcd":
         cache.put(key, context)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ from charrnn.checkpoint import load_checkpoint, save_checkpoint
 from charrnn.evaluation import evaluate
 from charrnn.model import CharRNN
 from charrnn.tokenizer import CharTokenizer
-from charrnn.training.trainer import Trainer, train
+from charrnn.training.callbacks import ConsoleReport
+from charrnn.training.trainer import StopSignal, Trainer, train
 
 
 def _read_metrics(run_dir):
@@ -170,3 +173,23 @@ def test_a_finished_run_draws_its_loss_curves(tmp_path, corpus_file, capsys):
     png = result.run_dir / "training.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot:    {png}" in capsys.readouterr().err
+
+
+def test_the_signal_handler_only_records_and_the_console_callback_says_it(capsys):
+    """The handler prints nothing (it runs between any two bytecodes); the callbacks report, in today's words."""
+    stop = StopSignal()
+    stop._handle(signal.SIGINT, None)
+    stop._handle(signal.SIGTERM, None)
+    assert capsys.readouterr().err == ""
+    assert stop.signum == signal.SIGINT  # the first decides
+    assert stop.unreported() == [(signal.SIGINT, False), (signal.SIGTERM, True)]
+    assert stop.unreported() == []  # each is reported once
+    stop._handle(signal.SIGINT, None)
+    assert stop.unreported() == [(signal.SIGINT, True)]
+
+    report = ConsoleReport()
+    for elastic, also in ((False, ""), (True, " if every process is still there")):
+        report.on_signal(SimpleNamespace(dist=SimpleNamespace(elastic=elastic)), signal.SIGTERM, False)
+        assert capsys.readouterr().err == f"\nSIGTERM: stopping after this step and saving a checkpoint{also}...\n"
+    report.on_signal(SimpleNamespace(dist=SimpleNamespace(elastic=False)), signal.SIGINT, True)
+    assert capsys.readouterr().err == "\nstill saving the checkpoint; it will be done in a moment\n"

@@ -30,7 +30,7 @@ from torch import nn
 from .._io import atomic_write
 from ..checkpoint import TOKENIZER_FILE, load_checkpoint, resolve_checkpoint
 from ..errors import CheckpointError, ExportError
-from ..model import CELL_TABLE, CharRNN
+from ..model import CELL_TABLE, CharRNN, State
 
 ONNX_FILE = "model.onnx"
 VOCAB_FILE = "vocab.json"
@@ -43,15 +43,11 @@ class OneStep(nn.Module):
     def __init__(self, model: CharRNN):
         super().__init__()
         self.model = model
-        self.lstm = CELL_TABLE[model.config.cell].has_cell_state
 
     def forward(self, token: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        x = self.model.embedding(token[:, None])  # (B, 1, E)
-        if self.lstm:
-            out, (h, c) = self.model.rnn(x, (h, c))
-            return self.model.head(out[:, 0]), h, c  # logits (B, V)
-        out, h = self.model.rnn(x, h)
-        return self.model.head(out[:, 0]), h
+        """token (B,), h and (LSTM) c (L, B, H) -> logits (B, V) and the state's tensors after it."""
+        logits, state = self.model(token[:, None], State(h, c))  # eval mode: no dropout
+        return logits[:, 0], *state.tensors()
 
 
 @dataclass(frozen=True)
@@ -73,7 +69,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> Export:
     ckpt = load_checkpoint(checkpoint, "cpu")
     model = ckpt.model.float().eval()
     config = model.config
-    lstm = CELL_TABLE[config.cell].has_cell_state
+    state_names = CELL_TABLE[config.cell].state_names  # ("h", "c") for an LSTM, ("h",) otherwise
     folder = Path(out).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -81,12 +77,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> Export:
         raise ExportError(f"cannot create --out {folder}: {exc.strerror or exc}") from None
 
     step = OneStep(model).eval()
-    zeros = torch.zeros(config.n_layers, 2, config.hidden_size)
-    args = (torch.tensor([1, 2]), zeros, zeros.clone()) if lstm else (torch.tensor([1, 2]), zeros)
+    zeros = State.zeros(config.n_layers, 2, config.hidden_size, CELL_TABLE[config.cell].has_cell_state)
+    args = (torch.tensor([1, 2]), *zeros.tensors())
     batch = torch.export.Dim("batch", min=1, max=4096)
-    shapes = ({0: batch}, {1: batch}, {1: batch}) if lstm else ({0: batch}, {1: batch})
-    names_in = ["token", "h", "c"] if lstm else ["token", "h"]
-    names_out = ["logits", "h_out", "c_out"] if lstm else ["logits", "h_out"]
+    shapes = ({0: batch},) + ({1: batch},) * len(state_names)
+    names_in = ["token", *state_names]
+    names_out = ["logits", *(f"{name}_out" for name in state_names)]
     target = folder / ONNX_FILE
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # notes about torchvision ops this model has none of
     try:
@@ -108,9 +104,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> Export:
         "cell": config.cell,
         "n_layers": config.n_layers,
         "hidden_size": config.hidden_size,
-        "inputs": {"token": "int64 (batch,)", "h": "float32 (n_layers, batch, hidden_size)"}
-        | ({"c": "float32 (n_layers, batch, hidden_size)"} if lstm else {}),
-        "outputs": {"logits": "float32 (batch, vocab_size)", "h_out": "as h"} | ({"c_out": "as c"} if lstm else {}),
+        "inputs": {"token": "int64 (batch,)"} | {name: "float32 (n_layers, batch, hidden_size)" for name in state_names},
+        "outputs": {"logits": "float32 (batch, vocab_size)"} | {f"{name}_out": f"as {name}" for name in state_names},
         "opset": OPSET,
         "checkpoint": str(ckpt.path),
     }

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, PromptError
-from ..model import CharRNN
+from ..model import CELL_TABLE, CharRNN
 from ..tokenizer import CharTokenizer
 
 MAX_TEXT_CHARS = 10_000  # the page holds one coloured copy of the text per unit
@@ -78,14 +78,14 @@ def _single_layer(rnn: nn.RNNBase, layer: int, input_size: int) -> nn.RNNBase:
 def hidden_states(model: CharRNN, ids: torch.Tensor) -> list[LayerStates]:
     """Every layer's state after each of the token ids (T,), from the zero state (no dropout)."""
     rnn = model.rnn
-    lstm = model.config.cell == "lstm"
+    has_c = CELL_TABLE[model.config.cell].has_cell_state
     x = model.embedding(ids.to(model.head.weight.device)[None]).float()  # (1, T, E)
     layers = []
     for layer in range(model.config.n_layers):
         single = _single_layer(rnn, layer, x.size(-1))
         h, _ = single(x)  # (1, T, H): h after each character
         c = None
-        if lstm:
+        if has_c:  # only an LSTM carries c; its gates give it
             # The gates at step t need the layer's input x_t and the previous h.
             h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
             gates = x @ single.weight_ih_l0.T + single.bias_ih_l0 + h_prev @ single.weight_hh_l0.T + single.bias_hh_l0
@@ -171,10 +171,10 @@ class Inspection:
 
 def resolve_state(cell: str, state: str) -> str:
     if state == "auto":
-        return "c" if cell == "lstm" else "h"
+        return "c" if CELL_TABLE[cell].has_cell_state else "h"
     if state not in ("h", "c"):
         raise ConfigError(f"--state {state!r}: choose auto, h or c")
-    if state == "c" and cell != "lstm":
+    if state == "c" and not CELL_TABLE[cell].has_cell_state:
         raise ConfigError(f"--state c needs an LSTM, and this model is a {cell.upper()}, whose only state is h: use --state h")
     return state
 

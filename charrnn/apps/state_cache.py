@@ -19,8 +19,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
-import torch
-
 from ..generation.sampler import Context
 
 
@@ -40,14 +38,9 @@ def piece_keys(pieces: Sequence[str]) -> list[str]:
     return keys
 
 
-def _tensors(context: Context) -> tuple[torch.Tensor, ...]:
-    hidden = context.hidden if isinstance(context.hidden, tuple) else (context.hidden,)
-    return (context.logits, *hidden)
-
-
 def context_bytes(context: Context) -> int:
     """The memory a context holds (its tensors are compact: :meth:`StateCache.put` copies them)."""
-    return sum(t.numel() * t.element_size() for t in _tensors(context))
+    return context.nbytes()
 
 
 class StateCache:
@@ -88,10 +81,7 @@ class StateCache:
         if self.max_entries == 0:
             return
         # A copy: the read's logits can be a view into the (1, T, V) output of the whole text.
-        hidden = context.hidden
-        copied = Context(
-            context.logits.clone(), tuple(h.clone() for h in hidden) if isinstance(hidden, tuple) else hidden.clone()
-        )
+        copied = context.clone()
         size = context_bytes(copied)
         if size > self.max_bytes:
             return

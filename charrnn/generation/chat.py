@@ -34,6 +34,7 @@ from .._io import atomic_write, parse_json, read_bytes
 from .._version import __version__
 from ..config import SampleConfig, check_seed
 from ..errors import CharRNNError, ConfigError, PromptError, SessionFileError
+from ..model import CELL_TABLE, State
 from .processors import new_generator
 from .stepper import Context
 
@@ -273,12 +274,8 @@ class ChatSession:
         for prefix, context in (("", self._context), ("start_", self._start)):
             if context is None:
                 continue
-            logits, hidden = context.logits, context.hidden
-            tensors[prefix + "logits"] = logits
-            if isinstance(hidden, tuple):
-                tensors[prefix + "h"], tensors[prefix + "c"] = hidden
-            else:
-                tensors[prefix + "h"] = hidden
+            tensors[prefix + "logits"] = context.logits
+            tensors.update({prefix + name: t for name, t in context.hidden.named().items()})  # h, and c for an LSTM
         return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
     def save(self, path: str | Path) -> Path:
@@ -337,7 +334,7 @@ class ChatSession:
     def _restore(self, tensors: dict[str, torch.Tensor], damaged: str) -> None:
         cfg = self.sampler.model.config
         hidden_shape = (cfg.n_layers, 1, cfg.hidden_size)
-        names = ("h", "c") if cfg.cell == "lstm" else ("h",)
+        names = CELL_TABLE[cfg.cell].state_names
         device = self.sampler.device
 
         def state(prefix: str) -> Context | None:
@@ -349,8 +346,8 @@ class ChatSession:
                 t = tensors.get(k)
                 if t is None or tuple(t.shape) != shape or t.dtype != torch.float32 or not torch.isfinite(t).all():
                     raise SessionFileError(f"{damaged}: tensor {k!r} is missing or is not a finite float32 {shape}")
-            hidden = tuple(tensors[prefix + n].to(device) for n in names)
-            return Context(tensors[prefix + "logits"].to(device), hidden if cfg.cell == "lstm" else hidden[0])
+            hidden = State.from_tensors([tensors[prefix + n] for n in names]).to(device)
+            return Context(tensors[prefix + "logits"].to(device), hidden)
 
         start, now = state("start_"), state("")
         if (start is None) != (not self.preamble):

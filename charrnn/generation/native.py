@@ -5,7 +5,7 @@
 - :class:`BatchedStepper` is for batches on CPUs without AMX: oneDNN products on weights
   packed once, each layer's cell and the sampling picks in the kernel.
 
-Both have the ``step(tokens, hidden)`` of :class:`~charrnn.stepper.Stepper`, and a
+Both have the ``step(tokens, state)`` of :class:`~charrnn.generation.stepper.Stepper`, and a
 ``sample`` that draws K characters. The kernel is compiled on first use for the
 machine's own instruction set (about 30 s, cached under ``~/.cache/torch_extensions``
 or ``$TORCH_EXTENSIONS_DIR``); where it cannot be built, ``load_kernel`` says why once
@@ -34,7 +34,7 @@ except ImportError:  # Windows
 
 import torch
 
-from ..model import CELL_TABLE, CharRNN, Hidden
+from ..model import CELL_TABLE, CharRNN, State
 from .stepper import StateAfter, Weights, run_steps
 
 SOURCE = Path(__file__).parent / "csrc" / "step.cpp"
@@ -185,14 +185,11 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.float().contiguous()
 
 
-def _split(hidden: Hidden, cell: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """h and c as the kernel takes them: contiguous float32, c empty but for LSTM."""
-    h, c = hidden if cell == "lstm" else (hidden, torch.empty(0))
-    return h.float().contiguous(), c.float().contiguous()
-
-
-def _join(h: torch.Tensor, c: torch.Tensor, cell: str) -> Hidden:
-    return (h, c) if cell == "lstm" else h
+def _cell_args(cell: str) -> tuple[int, int, bool]:
+    """What the kernel is told of a cell, from the cell table: the arithmetic it runs, the
+    gate count and whether a cell state exists (it checks the three agree)."""
+    row = CELL_TABLE[cell]
+    return row.kernel_id, row.gates, row.has_cell_state
 
 
 class NativeStepper:
@@ -209,9 +206,9 @@ class NativeStepper:
         cfg = model.config
         self.kernel, self.cell = kernel, cfg.cell
         self.dtype = {"float32": torch.float32, "int8": torch.int8, "bfloat16": torch.bfloat16}[weights]
-        w, cell = Weights(model), CELL_TABLE[cfg.cell].kernel_id
+        w, cell = Weights(model), _cell_args(cfg.cell)
         if weights == "bfloat16":
-            self.packed = kernel.TilePacked(cell, w.table0, w.w_x, w.b_x, w.w_h, w.b_h, w.w_o, w.b_o)
+            self.packed = kernel.TilePacked(*cell, w.table0, w.w_x, w.b_x, w.w_h, w.b_h, w.w_o, w.b_o)
             return
         G, empty = CELL_TABLE[cfg.cell].gates, torch.empty(0)
 
@@ -223,22 +220,21 @@ class NativeStepper:
         x, h = [rows(m, G) for m in w.w_x], [rows(m, G) for m in w.w_h]
         head = rows(w.w_o, 1)  # one row per character: the order stays
         self.packed = kernel.Packed(
-            cell, _unit_major(w.table0.T, G).T.contiguous(),
+            *cell, _unit_major(w.table0.T, G).T.contiguous(),
             [m for m, _ in x], [s for _, s in x], [_unit_major(b, G) if b.numel() else b for b in w.b_x],
             [m for m, _ in h], [s for _, s in h], [_unit_major(b, G) if b.numel() else b for b in w.b_h],
             head[0], head[1], w.b_o,
         )  # fmt: skip
 
-    def step(self, tokens: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
-        """tokens (B,) int64, hidden as from ``CharRNN`` -> float32 logits (B, V) and the new hidden."""
-        h, c = _split(hidden, self.cell)
-        logits, h, c = self.kernel.step(self.packed, tokens.contiguous(), h, c)
-        return logits, _join(h, c, self.cell)
+    def step(self, tokens: torch.Tensor, hidden: State) -> tuple[torch.Tensor, State]:
+        """tokens (B,) int64 and the state before them -> float32 logits (B, V) and the new state."""
+        logits, h, c = self.kernel.step(self.packed, tokens.contiguous(), *hidden.kernel_form())
+        return logits, State.from_kernel(h, c)
 
     def sample(
         self,
         logits: torch.Tensor,
-        hidden: Hidden,
+        hidden: State,
         uniforms: torch.Tensor,
         temperature: float,
         top_k: int,
@@ -251,17 +247,17 @@ class NativeStepper:
         Returns the tokens (K, B) and ``state(j)``: the logits and hidden state right after
         token j; without ``every_state``, only after the last one (j = K - 1).
         """
-        h, c = _split(hidden, self.cell)
+        h, c = hidden.kernel_form()
         tokens, logits_seq, h_seq, c_seq = self.kernel.sample(
             self.packed, logits.float().contiguous(), h, c, uniforms.contiguous(), temperature, top_k, top_p, every_state
         )
         slots = len(logits_seq)
 
-        def state(j: int) -> tuple[torch.Tensor, Hidden]:
+        def state(j: int) -> tuple[torch.Tensor, State]:
             if not every_state and j != len(tokens) - 1:
                 raise IndexError("only the state after the last token was kept")
             i = j % slots
-            return logits_seq[i], ((h_seq[i], c_seq[i]) if self.cell == "lstm" else h_seq[i])
+            return logits_seq[i], State.from_kernel(h_seq[i], c_seq[i])  # c_seq (S, 0) for cells without c
 
         return tokens, state
 
@@ -300,7 +296,7 @@ class BatchedStepper:
     """
 
     def __init__(self, model: CharRNN, dtype: torch.dtype, kernel: ModuleType, batch: int):
-        self.kernel, self.cell, self.dtype = kernel, model.config.cell, dtype
+        self.kernel, self.cell, self.dtype = kernel, _cell_args(model.config.cell), dtype
         self.batch = batch  # the stream count its bfloat16 weights are packed for
         w = Weights(model)
         self.table0 = w.table0
@@ -309,9 +305,9 @@ class BatchedStepper:
         self.no_tokens = torch.empty(0, dtype=torch.long)
         self.head = _Product(w.w_o, w.b_o, dtype, batch)
 
-    def step(self, tokens: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
-        """tokens (B,) int64, hidden as from ``CharRNN`` -> float32 logits (B, V) and the new hidden."""
-        h, c = _split(hidden, self.cell)
+    def step(self, tokens: torch.Tensor, hidden: State) -> tuple[torch.Tensor, State]:
+        """tokens (B,) int64 and the state before them -> float32 logits (B, V) and the new state."""
+        h, c = hidden.kernel_form()
         h_out, c_out = torch.empty_like(h), torch.empty_like(c)
         # bfloat16 products take the layer below's output as the cell wrote it, in bfloat16.
         x = torch.empty(h.shape[1:], dtype=torch.bfloat16) if self.dtype == torch.bfloat16 else torch.empty(0)
@@ -320,14 +316,14 @@ class BatchedStepper:
                 gx, rows = self.table0, tokens.contiguous()
             else:
                 gx, rows = x_product(x if x.numel() else h_out[layer - 1]), self.no_tokens
-            self.kernel.cell(CELL_TABLE[self.cell].kernel_id, gx, h_product(h[layer]), h, c, layer, h_out, c_out, rows, x)
+            self.kernel.cell(*self.cell, gx, h_product(h[layer]), h, c, layer, h_out, c_out, rows, x)
         x = x if x.numel() else h_out[-1]
-        return self.head(x).float(), _join(h_out, c_out, self.cell)
+        return self.head(x).float(), State.from_kernel(h_out, c_out)
 
     def sample(
         self,
         logits: torch.Tensor,
-        hidden: Hidden,
+        hidden: State,
         uniforms: torch.Tensor,
         temperature: float,
         top_k: int,

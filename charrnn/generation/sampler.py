@@ -30,7 +30,7 @@ from ..config import SampleConfig
 from ..device import cpu_has_fast_bf16, resolve_device
 from ..errors import ConfigError, PromptError
 from ..evaluation import DYNAMIC_LR, dynamic_evaluate, evaluate
-from ..model import CharRNN, Hidden
+from ..model import CharRNN, State
 from ..tokenizer import CharTokenizer
 from .chat import ChatSession
 from .native import BatchedStepper, NativeStepper, has_tiles, load_kernel
@@ -50,7 +50,7 @@ AnyStepper = Stepper | NativeStepper | BatchedStepper
 def sample_steps(
     stepper: AnyStepper,
     logits: torch.Tensor,
-    hidden: Hidden,
+    hidden: State,
     config: SampleConfig,
     uniforms: torch.Tensor,
     every_state: bool = True,
@@ -136,8 +136,7 @@ class _Run:
             return self.start
         for first, count, state in self.recent:
             if first <= last < first + count:
-                logits, hidden = state(last - first)
-                return Context(logits, hidden)
+                return Context(*state(last - first))
         raise AssertionError("the context rewound past the chunks kept")  # the horizon rules this out
 
 
@@ -259,7 +258,7 @@ class Sampler:
         return torch.from_numpy(self.tokenizer.encode(text).astype(np.int64)).to(self.device)
 
     @torch.no_grad()
-    def feed(self, ids: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
+    def feed(self, ids: torch.Tensor, hidden: State | None = None) -> tuple[torch.Tensor, State]:
         """Run ids (T,) through the model from ``hidden``: logits (1, V) after the last one, and the state."""
         logits = None
         for start in range(0, len(ids), _PRIME_CHUNK):

@@ -24,35 +24,43 @@ import torch
 
 from ..config import SampleConfig
 from ..errors import ConfigError
-from ..model import CharRNN, Hidden
+from ..model import CharRNN, State
 from .processors import pick_next
 
-StateAfter = Callable[[int], tuple[torch.Tensor, Hidden]]  # j -> logits and hidden right after token j
+StateAfter = Callable[[int], tuple[torch.Tensor, State]]  # j -> logits and state right after token j
 
 
 @dataclass(frozen=True)
 class Context:
     """Where a text stands for the model: the logits of the next character, (B, V) float32,
-    and the hidden state after the text, for B streams (B = 1 but in ``generate_many``)."""
+    and the :class:`~charrnn.model.State` after the text, for B streams (B = 1 but in
+    ``generate_many``). A state given in torch's own form (h, or (h, c)) is taken as a State."""
 
     logits: torch.Tensor
-    hidden: Hidden
+    hidden: State
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.hidden, State):
+            object.__setattr__(self, "hidden", State.from_torch(self.hidden))
 
     def expand(self, streams: int) -> "Context":
         """The same context for ``streams`` streams side by side (views, no copies)."""
-        hidden = self.hidden
-        if isinstance(hidden, tuple):
-            hidden = tuple(h.expand(-1, streams, -1) for h in hidden)
-        else:
-            hidden = hidden.expand(-1, streams, -1)
-        return Context(self.logits.expand(streams, -1), hidden)
+        return Context(self.logits.expand(streams, -1), self.hidden.expand(streams))
+
+    def clone(self) -> "Context":
+        """A copy that shares no memory (a read's logits can be a view into a whole text's output)."""
+        return Context(self.logits.clone(), self.hidden.clone())
+
+    def nbytes(self) -> int:
+        """The memory its tensors hold."""
+        return self.logits.numel() * self.logits.element_size() + self.hidden.nbytes()
 
 
 def run_steps(
-    step: Callable[[torch.Tensor, Hidden], tuple[torch.Tensor, Hidden]],
+    step: Callable[[torch.Tensor, State], tuple[torch.Tensor, State]],
     pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     logits: torch.Tensor,
-    hidden: Hidden,
+    hidden: State,
     uniforms: torch.Tensor,
     every_state: bool = True,
 ) -> tuple[torch.Tensor, StateAfter]:
@@ -71,7 +79,7 @@ def run_steps(
             states = [(logits, hidden)]
     last = len(tokens) - 1
 
-    def state(j: int) -> tuple[torch.Tensor, Hidden]:
+    def state(j: int) -> tuple[torch.Tensor, State]:
         if not every_state and j != last:
             raise IndexError("only the state after the last token was kept")
         return states[j if every_state else 0]
@@ -139,10 +147,9 @@ class Stepper:
             return torch.addmm(bias, x, w)
         return torch.mm(x.to(self.dtype), w).float() + bias
 
-    def step(self, tokens: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
-        """tokens (B,) int64, hidden as from ``CharRNN`` -> float32 logits (B, V) and the new hidden."""
-        lstm = self.cell == "lstm"
-        h_all, c_all = hidden if lstm else (hidden, None)
+    def step(self, tokens: torch.Tensor, hidden: State) -> tuple[torch.Tensor, State]:
+        """tokens (B,) int64 and the state before them -> float32 logits (B, V) and the new state."""
+        h_all, c_all = State.from_torch(hidden)  # unpacking a bare (L, B, H) tensor would split its layers
         new_h, new_c = [], []
         x = None
         for layer in range(self.n_layers):
@@ -158,7 +165,7 @@ class Stepper:
                 x = n + z * (h - n)  # (1 - z) * n + z * h
             else:
                 gates = self._mm(h, self.w_hh[layer], gx)
-                if lstm:
+                if self.cell == "lstm":
                     i, f, g, o = gates.chunk(4, 1)
                     c = torch.sigmoid(f) * c_all[layer].float() + torch.sigmoid(i) * torch.tanh(g)
                     x = torch.sigmoid(o) * torch.tanh(c)
@@ -167,13 +174,12 @@ class Stepper:
                     x = torch.tanh(gates) if self.cell == "rnn_tanh" else torch.relu(gates)
             new_h.append(x)
         logits = self._mm(x, self.w_head, self.b_head)
-        h_out = torch.stack(new_h)
-        return logits, ((h_out, torch.stack(new_c)) if lstm else h_out)
+        return logits, State.stack(new_h, new_c)
 
     def sample(
         self,
         logits: torch.Tensor,
-        hidden: Hidden,
+        hidden: State,
         uniforms: torch.Tensor,
         temperature: float,
         top_k: int,

@@ -18,6 +18,7 @@ writes to the terminal or to extra files hangs on a :class:`Callback`:
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -61,6 +62,10 @@ class Callback:
 
     def on_message(self, trainer: Trainer | None, text: str) -> None:
         """A warning or a note for the user (``text`` starts with ``warning:`` or ``note:``)."""
+
+    def on_signal(self, trainer: Trainer, signum: int, repeated: bool) -> None:
+        """A SIGINT or SIGTERM came: the first asks the run to stop after this step and save;
+        a ``repeated`` one, after the first, is ignored so that the save completes."""
 
     def on_end(self, trainer: Trainer, result: TrainResult) -> None:
         """After the last save; ``result`` says where the checkpoints are and why the run ended."""
@@ -171,6 +176,14 @@ class ConsoleReport(Callback):
 
     def on_message(self, trainer: Trainer | None, text: str) -> None:
         print(text, file=sys.stderr)
+
+    def on_signal(self, trainer: Trainer, signum: int, repeated: bool) -> None:
+        if repeated:
+            print("\nstill saving the checkpoint; it will be done in a moment", file=sys.stderr)
+            return
+        # Under torchrun a SIGTERM often means another worker died: the save needs every process.
+        also = " if every process is still there" if trainer.dist.elastic else ""
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint{also}...", file=sys.stderr)
 
     def on_end(self, trainer: Trainer, result: TrainResult) -> None:
         print(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -36,7 +35,7 @@ from ..data.token_cache import corpus_tokens
 from ..device import autocast, resolve_device, resolve_dtype
 from ..errors import CharRNNError, CheckpointError, ConfigError, CorpusError, PeerLostError, TrainingError
 from ..evaluation import evaluate
-from ..model import CharRNN, Hidden, count_parameters, detach_hidden, load_grown
+from ..model import CELL_TABLE, CharRNN, State, count_parameters, load_grown
 from .callbacks import Callback, PreviewFunction, default_callbacks, trigger
 from .distributed import Distributed, peer_lost
 from .sizing import plan_run
@@ -248,22 +247,30 @@ def resume_after_restart(config: TrainConfig, dist: Distributed) -> tuple[TrainC
 class StopSignal:
     """Turns SIGINT / SIGTERM into a request to stop after the current step.
 
-    A second signal while the checkpoint is being saved is reported and ignored, so
-    the save always completes.
+    The handler only records the signal. The trainer reports it through its callbacks
+    (``on_signal``) at the next safe point (a step's end, an evaluation's, a save's):
+    a handler runs between any two bytecodes, and one that printed could meet the
+    terminal in the middle of another write. A signal after the first is reported and
+    ignored, so the save always completes.
     """
 
-    def __init__(self, elastic: bool = False) -> None:
-        self.signum: int | None = None
-        self.elastic = elastic
+    def __init__(self) -> None:
+        self.signum: int | None = None  # the first signal: it decides the exit status
+        self.received: list[int] = []  # every signal, in order (the handler only appends)
+        self._reported = 0
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is None:
             self.signum = signum
-            # Under torchrun a SIGTERM often means another worker died: the save needs every process.
-            also = " if every process is still there" if self.elastic else ""
-            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint{also}...", file=sys.stderr)
-        else:
-            print("\nstill saving the checkpoint; it will be done in a moment", file=sys.stderr)
+        self.received.append(signum)
+
+    def unreported(self) -> list[tuple[int, bool]]:
+        """The signals received since the last call, each as (signum, repeated): ``repeated``
+        for every one after the first, which changes nothing."""
+        start = self._reported
+        new = self.received[start:]  # a signal landing after this slice waits for the next call
+        self._reported = start + len(new)
+        return [(signum, start + i > 0) for i, signum in enumerate(new)]
 
     @contextmanager
     def installed(self) -> Iterator["StopSignal"]:
@@ -385,7 +392,8 @@ class Trainer:
 
         self.step = 0
         self.position = StreamPosition()
-        self.hidden: Hidden | None = None
+        self.hidden: State | None = None  # carried across batches; None: zeros
+        self._stop_signal: StopSignal | None = None  # while run() runs
         self.elapsed = self.plan.probe_seconds  # the probe of this machine counts in --max-time
         self.best_val = math.inf
         self.evals_without_improvement = 0
@@ -454,7 +462,7 @@ class Trainer:
                 tensors[f"optim.{index}.{key}"] = value
         if self.hidden is not None:
             # The whole layout's state, rows in rank order: any process count can pick up its rows.
-            for i, h in enumerate(self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)):
+            for i, h in enumerate(self.hidden.tensors()):  # hidden.0 = h, hidden.1 = c (LSTM)
                 tensors[f"hidden.{i}"] = self.dist.gather_rows(h)
         state = {
             "step": self.step,
@@ -464,7 +472,7 @@ class Trainer:
             "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
             "evals_without_improvement": self.evals_without_improvement,
             "param_groups": opt["param_groups"],
-            "hidden_parts": 0 if self.hidden is None else (2 if isinstance(self.hidden, tuple) else 1),
+            "hidden_parts": 0 if self.hidden is None else len(self.hidden.tensors()),
             "world_size": self.dist.world_size,
         }
         return tensors, state
@@ -488,12 +496,14 @@ class Trainer:
                 torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
             parts = [tensors[f"hidden.{i}"].to(self.device) for i in range(state["hidden_parts"])]
             layers, width = self.model_config.n_layers, self.model_config.hidden_size
-            if any(p.dim() != 3 or (p.size(0), p.size(2)) != (layers, width) or not p.is_floating_point() for p in parts):
-                raise ValueError(f"saved hidden state does not fit a {layers}x{width} model")
-            rows = self.streams.rows
-            if parts and parts[0].size(1) == self.streams.batch_size:  # same global layout
-                parts = [p[:, rows] for p in parts]
-            self.hidden = None if not parts else (tuple(parts) if len(parts) == 2 else parts[0])
+            expected = len(CELL_TABLE[self.model_config.cell].state_names)
+            if any(p.dim() != 3 or (p.size(0), p.size(2)) != (layers, width) or not p.is_floating_point() for p in parts) or (
+                parts and len(parts) != expected
+            ):
+                raise ValueError(f"saved hidden state does not fit a {layers}x{width} {self.model_config.cell} model")
+            self.hidden = State.from_tensors(parts) if parts else None
+            if self.hidden is not None and self.hidden.streams == self.streams.batch_size:  # same global layout
+                self.hidden = self.hidden.select(self.streams.rows)
             self.step = int(state["step"])
             self.position = StreamPosition(int(state["epoch"]), int(state["index"]))
             self.elapsed = float(state["elapsed"])
@@ -536,6 +546,12 @@ class Trainer:
     def message(self, text: str) -> None:
         """A warning or note for the user, handed to the callbacks."""
         trigger(self.callbacks, "on_message", self, text)
+
+    def _report_signals(self) -> None:
+        """Hand the signals that came since the last report to the callbacks (``on_signal``)."""
+        if self._stop_signal is not None:
+            for signum, repeated in self._stop_signal.unreported():
+                trigger(self.callbacks, "on_signal", self, signum, repeated)
 
     def describe(self) -> str:
         """One line on what trains: model, data, device, processes, run directory."""
@@ -583,11 +599,13 @@ class Trainer:
             self.evals_without_improvement += 1
         state["best_val_loss"] = self.best_val if math.isfinite(self.best_val) else None
         state["evals_without_improvement"] = self.evals_without_improvement
+        self._report_signals()
         trigger(self.callbacks, "on_evaluation", self, val, improved)
         if improved:
             save_checkpoint(self.run_dir / "best", self.model, self.tokenizer, self._meta())
         save_checkpoint(self.run_dir / "last", self.model, self.tokenizer, self._meta(), tensors, state)
         self.last_save = time.monotonic()
+        self._report_signals()
         trigger(self.callbacks, "on_checkpoint", self, val, improved)
 
     def save(self) -> None:
@@ -599,6 +617,7 @@ class Trainer:
         if self.dist.is_main:
             save_checkpoint(self.run_dir / "last", self.model, self.tokenizer, self._meta(), tensors, state)
             self.last_save = time.monotonic()
+            self._report_signals()
 
     # -- the loop -------------------------------------------------------------------------------------
     def _budget_done(self) -> str | None:
@@ -648,7 +667,7 @@ class Trainer:
                 f"the weights. Lower --lr, then resume from {self.run_dir / 'last'}"
             )
         self.optimizer.step()
-        self.hidden = detach_hidden(hidden)
+        self.hidden = hidden.detach()  # truncated BPTT: the values carry on, the graph stops here
         self.step += 1
         self.position = self.streams.next(self.position)
         return loss_value
@@ -658,6 +677,7 @@ class Trainer:
 
         Every process gets the same answers (in one collective).
         """
+        self._report_signals()
         main = self.dist.is_main
         reason = self._budget_done() if main else None
         every = self.config.save_every
@@ -682,7 +702,7 @@ class Trainer:
         with self._run_dir_lock():
             self.model.train()
             self.last_save = time.monotonic()  # --save-every counts from the start of training
-            stop_signal = StopSignal(self.dist.elastic)
+            stop_signal = self._stop_signal = StopSignal()
             try:
                 result = self._loop(stop_signal)
             finally:
@@ -740,6 +760,7 @@ class Trainer:
             # The last evaluation and save, still under the handler: a second Ctrl-C cannot cut them short.
             if self.saved_step != self.step:
                 self.checkpoint()
+            self._report_signals()  # any that came after the last report, before the last lines
         result = TrainResult(self.run_dir, self.step, self.best_val, reason, stop_signal.signum)
         trigger(self.callbacks, "on_end", self, result)
         return result

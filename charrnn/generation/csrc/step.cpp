@@ -1,5 +1,5 @@
 // charrnn's sampling kernel: whole sampling loops for a CharRNN in one call (see
-// charrnn/native.py, which packs the weights and builds this file on first use).
+// charrnn/generation/native.py, which packs the weights and builds this file on first use).
 //
 // Why a kernel of our own: sampling one stream is bound by reading the weights once per
 // character, and by the cost of launching a dozen small torch ops per layer. Here a step
@@ -33,7 +33,6 @@
 
 namespace {
 
-enum Cell : int64_t { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
 
 // A vector ready to multiply: floats as they are, or int16 with one scale.
 struct Activation {
@@ -110,6 +109,39 @@ inline float sigmoid(float x) {
 }
 inline float tanh_(float x) { return 2.f * sigmoid(2.f * x) - 1.f; }
 
+// --- the cells ---------------------------------------------------------------------------------
+//
+// Which cells there are, their gate counts and whether they carry a cell state c come from
+// Python (charrnn.model.CELL_TABLE: kernel_id, gates, has_cell_state). All this file knows
+// of a cell is its arithmetic in cell_update, and what that arithmetic reads (kArithmetic),
+// so that a table the arithmetic does not fit is refused with a sentence, not read out of
+// bounds. A new cell: a row in CELL_TABLE, a row in kArithmetic, a case in cell_update.
+enum Arithmetic : int64_t { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
+
+struct ArithmeticShape {
+  const char* name;
+  int64_t gates;    // gate blocks cell_update reads from gx and gh
+  bool cell_state;  // whether it reads c and writes c_out
+};
+constexpr ArithmeticShape kArithmetic[] = {{"LSTM", 4, true}, {"GRU", 3, false}, {"RNN_TANH", 1, false}, {"RNN_RELU", 1, false}};
+constexpr int64_t kArithmetics = sizeof(kArithmetic) / sizeof(kArithmetic[0]);
+
+// A cell as Python describes it, checked against the arithmetic it names.
+struct Cell {
+  int64_t kind, gates;
+  bool has_c;
+
+  Cell(int64_t kind, int64_t gates, bool has_c) : kind(kind), gates(gates), has_c(has_c) {
+    TORCH_CHECK(kind >= 0 && kind < kArithmetics, "kernel_id ", kind, " names no arithmetic of step.cpp's cell_update (0 to ",
+                kArithmetics - 1, "): add its case there");
+    const ArithmeticShape& a = kArithmetic[kind];
+    TORCH_CHECK(gates == a.gates && has_c == a.cell_state, "the cell table gives kernel_id ", kind, " ", gates,
+                " gates and has_cell_state=", has_c ? "True" : "False", ", but step.cpp's ", a.name, " arithmetic reads ",
+                a.gates, " gates and ", a.cell_state ? "a" : "no", " cell state: charrnn.model.CELL_TABLE and ",
+                "cell_update disagree");
+  }
+};
+
 // The cell's arithmetic for n units; gx / gh hold G gate pre-activations, gate-major.
 void cell_update(int64_t cell, int64_t n, const float* gx, const float* gh, const float* h, const float* c,
                  float* h_out, float* c_out) {
@@ -164,19 +196,20 @@ Matrix<W> matrix(const at::Tensor& w, const at::Tensor& scale, const at::Tensor&
   return m;
 }
 
-// The packed weights of one model, built once in Python (see charrnn/native.py) and kept
+// The packed weights of one model, built once in Python (see charrnn/generation/native.py) and kept
 // alive here. Per layer l: w_x[l] (l > 0) and w_h[l], rows unit-major; layer 0's input
 // product is the table (V, G * H). int8 weights come with per-row scales s_*.
 struct Packed {
-  int64_t cell, G;
+  Cell cell;
+  int64_t G;
   at::Tensor table0, w_o, s_o, b_o;
   std::vector<at::Tensor> w_x, s_x, b_x, w_h, s_h, b_h;
 
-  Packed(int64_t cell, at::Tensor table0, std::vector<at::Tensor> w_x, std::vector<at::Tensor> s_x,
-         std::vector<at::Tensor> b_x, std::vector<at::Tensor> w_h, std::vector<at::Tensor> s_h,
-         std::vector<at::Tensor> b_h, at::Tensor w_o, at::Tensor s_o, at::Tensor b_o)
-      : cell(cell), G(cell == LSTM ? 4 : cell == GRU ? 3 : 1), table0(table0), w_o(w_o), s_o(s_o), b_o(b_o),
-        w_x(w_x), s_x(s_x), b_x(b_x), w_h(w_h), s_h(s_h), b_h(b_h) {}
+  Packed(int64_t kind, int64_t gates, bool has_c, at::Tensor table0, std::vector<at::Tensor> w_x,
+         std::vector<at::Tensor> s_x, std::vector<at::Tensor> b_x, std::vector<at::Tensor> w_h,
+         std::vector<at::Tensor> s_h, std::vector<at::Tensor> b_h, at::Tensor w_o, at::Tensor s_o, at::Tensor b_o)
+      : cell(kind, gates, has_c), G(gates), table0(table0), w_o(w_o), s_o(s_o), b_o(b_o), w_x(w_x), s_x(s_x),
+        b_x(b_x), w_h(w_h), s_h(s_h), b_h(b_h) {}
 
   struct Scratch {  // none: each thread's buffers live in its parallel section
     Scratch(const Packed&, int64_t) {}
@@ -187,12 +220,12 @@ struct Packed {
   bool quantized() const { return w_o.scalar_type() == at::kChar; }
 };
 
-// One character for B streams: tokens in, logits and the new state out (c only for LSTM).
+// One character for B streams: tokens in, logits and the new state out (c only for a cell with one).
 template <typename W>
 void advance(const Packed& p, int64_t B, const int64_t* tok, const float* h_old, const float* c_old, float* h_out,
              float* c_out, float* logits) {
   const bool quantized = std::is_same<W, int8_t>::value;
-  const int64_t L = p.layers(), H = p.hidden(), V = p.vocab(), G = p.G, cell = p.cell;
+  const int64_t L = p.layers(), H = p.hidden(), V = p.vocab(), G = p.G, cell = p.cell.kind;
   const float* t0 = p.table0.data_ptr<float>();
   for (int64_t l = 0; l < L; ++l) {
     const Matrix<W> mx = l ? matrix<W>(p.w_x[l], p.s_x[l], p.b_x[l]) : Matrix<W>();
@@ -336,14 +369,15 @@ struct TileScratch;
 
 struct TilePacked {
   using Scratch = TileScratch;
-  int64_t cell, G, H, V;
+  Cell cell;
+  int64_t G, H, V;
   at::Tensor table0;  // (V, G * H) gate-major: embedding @ W_ih0.T + biases
   std::vector<TileMatrix> x, h;  // x[0] unused
   TileMatrix head;
 
-  TilePacked(int64_t cell, at::Tensor table0, std::vector<at::Tensor> w_x, std::vector<at::Tensor> b_x,
+  TilePacked(int64_t kind, int64_t gates, bool has_c, at::Tensor table0, std::vector<at::Tensor> w_x, std::vector<at::Tensor> b_x,
              std::vector<at::Tensor> w_h, std::vector<at::Tensor> b_h, at::Tensor w_o, at::Tensor b_o)
-      : cell(cell), G(cell == LSTM ? 4 : cell == GRU ? 3 : 1), H(w_h[0].size(1)), V(w_o.size(0)),
+      : cell(kind, gates, has_c), G(gates), H(w_h[0].size(1)), V(w_o.size(0)),
         table0(table0.contiguous()), head(w_o, b_o) {
     TORCH_CHECK(amx_permitted(), "the kernel may not use AMX tiles here");
     for (size_t l = 0; l < w_h.size(); ++l) {
@@ -410,7 +444,7 @@ void advance(const TilePacked& p, int64_t B, const int64_t* tok, const float* h_
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t at = (l * B + b) * H;
         const float* x = l ? s.gx.data() + b * gates : t0 + tok[b] * G * H;
-        cell_update(p.cell, H, x, s.gh.data() + b * gates, h_old + at, c_old ? c_old + at : nullptr, h_out + at,
+        cell_update(p.cell.kind, H, x, s.gh.data() + b * gates, h_old + at, c_old ? c_old + at : nullptr, h_out + at,
                     c_out ? c_out + at : nullptr);
         for (int64_t i = 0; i < H; ++i) s.below[b * width + i] = h_out[at + i];
       }
@@ -468,12 +502,12 @@ void check_tokens(const at::Tensor& tokens, int64_t B, int64_t vocab) {
   for (int64_t b = 0; b < B; ++b) TORCH_CHECK(tok[b] >= 0 && tok[b] < vocab, "token ids must be in [0, ", vocab, ")");
 }
 
-void check_state(const at::Tensor& h, const at::Tensor& c, int64_t cell, int64_t layers, int64_t hidden) {
+void check_state(const at::Tensor& h, const at::Tensor& c, bool has_c, int64_t layers, int64_t hidden) {
   TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.dim() == 3 && h.size(0) == layers &&
                   h.size(2) == hidden,
               "the hidden state must be contiguous float32 (", layers, ", B, ", hidden, ")");
-  TORCH_CHECK(cell != LSTM || (c.sizes() == h.sizes() && c.scalar_type() == at::kFloat && c.is_contiguous()),
-              "the LSTM cell state must match the hidden state");
+  TORCH_CHECK(!has_c || (c.sizes() == h.sizes() && c.scalar_type() == at::kFloat && c.is_contiguous()),
+              "the cell state c must match the hidden state");
 }
 
 // pick_row for each of B rows of logits (B, V), one uniform each, into out.
@@ -496,15 +530,16 @@ template <typename P>
 std::vector<at::Tensor> step(const P& p, const at::Tensor& tokens, const at::Tensor& h, const at::Tensor& c) {
   const int64_t B = h.size(1);
   check_tokens(tokens, B, p.vocab());
-  check_state(h, c, p.cell, p.layers(), p.hidden());
+  const bool has_c = p.cell.has_c;
+  check_state(h, c, has_c, p.layers(), p.hidden());
   at::Tensor logits = at::empty({B, p.vocab()}, h.options());
   at::Tensor h_new = at::empty_like(h);
-  at::Tensor c_new = p.cell == LSTM ? at::empty_like(c) : at::empty({0}, h.options());
+  at::Tensor c_new = has_c ? at::empty_like(c) : at::empty({0}, h.options());
   {
     pybind11::gil_scoped_release no_gil;  // threads sharing one model step in parallel
     typename P::Scratch scratch(p, B);
-    advance(p, B, tokens.data_ptr<int64_t>(), h.data_ptr<float>(), p.cell == LSTM ? c.data_ptr<float>() : nullptr,
-            h_new.data_ptr<float>(), p.cell == LSTM ? c_new.data_ptr<float>() : nullptr, logits.data_ptr<float>(),
+    advance(p, B, tokens.data_ptr<int64_t>(), h.data_ptr<float>(), has_c ? c.data_ptr<float>() : nullptr,
+            h_new.data_ptr<float>(), has_c ? c_new.data_ptr<float>() : nullptr, logits.data_ptr<float>(),
             scratch);
   }
   return {logits, h_new, c_new};
@@ -512,7 +547,7 @@ std::vector<at::Tensor> step(const P& p, const at::Tensor& tokens, const at::Ten
 
 // K characters for B streams, from the logits and state before the first of them:
 // token k is drawn with uniforms[k] from the logits before it, then fed. Returns
-// [tokens (K, B), logits (S, B, V), h (S, L, B, H), c (S, L, B, H) or empty]: with
+// [tokens (K, B), logits (S, B, V), h (S, L, B, H), c (S, L, B, H) or (S, 0)]: with
 // every_state, S = K and entry k is the state right after token k, so a caller can stop
 // at any of them; otherwise S = 2 and only entry (K - 1) % 2, the state after the last
 // token, is kept (the two alternate, so nothing grows with K).
@@ -521,8 +556,8 @@ std::vector<at::Tensor> sample(const P& p, const at::Tensor& logits, const at::T
                                const at::Tensor& uniforms, double temperature, int64_t top_k, double top_p,
                                bool every_state) {
   const int64_t K = uniforms.size(0), B = h.size(1), V = p.vocab(), HS = h.numel();
-  const bool lstm = p.cell == LSTM;
-  check_state(h, c, p.cell, p.layers(), p.hidden());
+  const bool has_c = p.cell.has_c;
+  check_state(h, c, has_c, p.layers(), p.hidden());
   TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.dim() == 2 &&
                   logits.size(0) == B && logits.size(1) == V && uniforms.scalar_type() == at::kDouble &&
                   uniforms.is_contiguous() && uniforms.dim() == 2 && uniforms.size(1) == B,
@@ -531,20 +566,21 @@ std::vector<at::Tensor> sample(const P& p, const at::Tensor& logits, const at::T
   const int64_t S = every_state ? K : 2;
   at::Tensor logits_seq = at::empty({S, B, V}, h.options());
   at::Tensor h_seq = hidden_like(h, S);
-  at::Tensor c_seq = lstm ? hidden_like(c, S) : at::empty({0}, h.options());
+  // Without a cell state, S empty rows: entry k is then an empty c, as step returns it.
+  at::Tensor c_seq = has_c ? hidden_like(c, S) : at::empty({S, 0}, h.options());
   {
     pybind11::gil_scoped_release no_gil;
     const double* u = uniforms.data_ptr<double>();
     int64_t* tok = tokens.data_ptr<int64_t>();
-    float *ls = logits_seq.data_ptr<float>(), *hs = h_seq.data_ptr<float>(), *cs = lstm ? c_seq.data_ptr<float>() : nullptr;
+    float *ls = logits_seq.data_ptr<float>(), *hs = h_seq.data_ptr<float>(), *cs = has_c ? c_seq.data_ptr<float>() : nullptr;
     typename P::Scratch scratch(p, B);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t now = k % S, before = (k - 1) % S;  // slots of this step and the one before
       const float* prev_logits = k ? ls + before * B * V : logits.data_ptr<float>();
       pick_rows(prev_logits, B, V, u + k * B, temperature, top_k, top_p, tok + k * B);
       const float* h_old = k ? hs + before * HS : h.data_ptr<float>();
-      const float* c_old = lstm ? (k ? cs + before * HS : c.data_ptr<float>()) : nullptr;
-      advance(p, B, tok + k * B, h_old, c_old, hs + now * HS, lstm ? cs + now * HS : nullptr, ls + now * B * V, scratch);
+      const float* c_old = has_c ? (k ? cs + before * HS : c.data_ptr<float>()) : nullptr;
+      advance(p, B, tok + k * B, h_old, c_old, hs + now * HS, has_c ? cs + now * HS : nullptr, ls + now * B * V, scratch);
     }
   }
   return {tokens, logits_seq, h_seq, c_seq};
@@ -580,22 +616,23 @@ const float* float_row(const at::Tensor& t, int64_t b, std::vector<float>& buf) 
 // in torch's gate-major order. Layer 0 passes the table (V, G * H) as gx and the tokens
 // that pick its rows. Reads h[layer], c[layer] (L, B, H); writes h_out[layer] and
 // c_out[layer], and h_out[layer] in bfloat16 into x_next when given (the next product's input).
-void cell(int64_t kind, const at::Tensor& gx, const at::Tensor& gh, const at::Tensor& h, const at::Tensor& c,
-          int64_t layer, at::Tensor& h_out, at::Tensor& c_out, const at::Tensor& tokens, at::Tensor& x_next) {
+void cell(int64_t kind, int64_t gates, bool has_c, const at::Tensor& gx, const at::Tensor& gh, const at::Tensor& h,
+          const at::Tensor& c, int64_t layer, at::Tensor& h_out, at::Tensor& c_out, const at::Tensor& tokens,
+          at::Tensor& x_next) {
+  [[maybe_unused]] const Cell checked(kind, gates, has_c);  // refuses a table its arithmetic does not fit
   const int64_t B = h.size(1), H = h.size(2), at0 = layer * B * H;
-  const bool lstm = kind == LSTM;
   const int64_t* tok = tokens.numel() ? tokens.data_ptr<int64_t>() : nullptr;
   if (tok) check_tokens(tokens, B, gx.size(0));
-  const float *ph = h.data_ptr<float>() + at0, *pc = lstm ? c.data_ptr<float>() + at0 : nullptr;
-  float *qh = h_out.data_ptr<float>() + at0, *qc = lstm ? c_out.data_ptr<float>() + at0 : nullptr;
+  const float *ph = h.data_ptr<float>() + at0, *pc = has_c ? c.data_ptr<float>() + at0 : nullptr;
+  float *qh = h_out.data_ptr<float>() + at0, *qc = has_c ? c_out.data_ptr<float>() + at0 : nullptr;
   at::BFloat16* xn = x_next.numel() ? x_next.data_ptr<at::BFloat16>() : nullptr;
   pybind11::gil_scoped_release no_gil;
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> bx, by;
     for (int64_t b = b0; b < b1; ++b) {
       const float* x = float_row(gx, tok ? tok[b] : b, bx);
-      cell_update(kind, H, x, float_row(gh, b, by), ph + b * H, lstm ? pc + b * H : nullptr, qh + b * H,
-                  lstm ? qc + b * H : nullptr);
+      cell_update(kind, H, x, float_row(gh, b, by), ph + b * H, has_c ? pc + b * H : nullptr, qh + b * H,
+                  has_c ? qc + b * H : nullptr);
       if (xn)
         for (int64_t i = 0; i < H; ++i) xn[b * H + i] = static_cast<at::BFloat16>(qh[b * H + i]);
     }
@@ -606,14 +643,14 @@ void cell(int64_t kind, const at::Tensor& gx, const at::Tensor& gh, const at::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Packed>(m, "Packed")
-      .def(pybind11::init<int64_t, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+      .def(pybind11::init<int64_t, int64_t, bool, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>());
   m.def("step", &step<Packed>, "one fused step for B streams");
   m.def("sample", &sample<Packed>, "K sampled steps for B streams");
 #ifdef CHARRNN_AMX
   pybind11::class_<TilePacked>(m, "TilePacked")
-      .def(pybind11::init<int64_t, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+      .def(pybind11::init<int64_t, int64_t, bool, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>());
   m.def("step", &step<TilePacked>, "one step for B streams on AMX tiles");
   m.def("sample", &sample<TilePacked>, "K sampled steps for B streams on AMX tiles");
