@@ -192,4 +192,4 @@ def test_the_signal_handler_only_records_and_the_console_callback_says_it(capsys
         report.on_signal(SimpleNamespace(dist=SimpleNamespace(elastic=elastic)), signal.SIGTERM, False)
         assert capsys.readouterr().err == f"\nSIGTERM: stopping after this step and saving a checkpoint{also}...\n"
     report.on_signal(SimpleNamespace(dist=SimpleNamespace(elastic=False)), signal.SIGINT, True)
-    assert capsys.readouterr().err == "\nstill saving the checkpoint; it will be done in a moment\n"
+    assert capsys.readouterr().err == "\nSIGINT again: ignored, so that the checkpoint save completes\n"

@@ -179,7 +179,8 @@ class ConsoleReport(Callback):
 
     def on_signal(self, trainer: Trainer, signum: int, repeated: bool) -> None:
         if repeated:
-            print("\nstill saving the checkpoint; it will be done in a moment", file=sys.stderr)
+            # Reported once the save is done (see StopSignal), so it says what was done, not what will be.
+            print(f"\n{signal.Signals(signum).name} again: ignored, so that the checkpoint save completes", file=sys.stderr)
             return
         # Under torchrun a SIGTERM often means another worker died: the save needs every process.
         also = " if every process is still there" if trainer.dist.elastic else ""

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig, TrainConfig
 from ..device import autocast
 from ..errors import ConfigError
-from ..model import CharRNN
+from ..model import CELL_TABLE, CharRNN
 
 # (hidden size, layers), smallest first: the sizes the study measured.
 CANDIDATES: tuple[tuple[int, int], ...] = (
@@ -60,7 +60,6 @@ MIN_LR_FRACTION = 0.1
 EVALUATIONS = 8  # full-split evaluations a run makes; the last one comes at its end
 FALLBACK_EVAL_INTERVAL = 250  # when nothing measured the steps a time budget buys
 PROBE_SECONDS = 0.6  # per probed size; at most two sizes are probed
-_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ class Plan:
 
 def step_weights(hidden: int, layers: int, embedding: int, vocab: int, cell: str = "lstm") -> int:
     """Weights a character passes through (recurrent matrices and head; the embedding is a lookup)."""
-    gates = _GATES[cell]
+    gates = CELL_TABLE[cell].gates
     first = gates * hidden * (embedding + hidden)
     rest = (layers - 1) * gates * hidden * (2 * hidden)
     return first + rest + hidden * vocab
@@ -94,7 +93,7 @@ def training_bytes(model: ModelConfig, batch: int, seq: int) -> int:
     step keeps for its backward pass: each layer's gate pre-activations and states, the
     embedding and three copies of the logits (logits, softmax, gradient) per character.
     """
-    gates = _GATES[model.cell]
+    gates = CELL_TABLE[model.cell].gates
     params = step_weights(model.hidden_size, model.n_layers, model.embedding_size, model.vocab_size, model.cell)
     params += model.vocab_size * model.embedding_size
     per_char = model.n_layers * (gates + 3) * model.hidden_size + model.embedding_size + 3 * model.vocab_size
