@@ -132,10 +132,14 @@ def learning_rate_for(hidden: int) -> float:
 
 
 def dropout_for(epochs: float) -> float:
-    """No dropout for a run that reads the corpus a few times; more the more often it rereads it."""
+    """No dropout for a run that reads the corpus a few times; more the more often it rereads it.
+
+    Measured (docs/scaling.md): 2x512 for 30 min on Tiny Shakespeare, 18 epochs, overfitted
+    with 0.2 (best 1.4262, then worse) and reached 1.4136 with 0.4.
+    """
     if epochs <= 4:
         return 0.0
-    return 0.1 if epochs <= 16 else 0.2
+    return 0.1 if epochs <= 16 else 0.4
 
 
 def measure_speed(
