@@ -138,6 +138,8 @@ def plot(results: Path, out: Path) -> Path:
     rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
     curves: dict[str, dict[float, float]] = {}
     for r in rows:
+        if r.get("data", "shakespeare") != "shakespeare" or r.get("variant"):
+            continue  # the plot is the defaults' recipe on Tiny Shakespeare, by size
         if r["kind"] == "charrnn":
             m = r["model"]
             label = f"{m['n_layers']}x{m['hidden_size']} {r['dtype']}"
@@ -205,7 +207,7 @@ def main() -> None:
         return
     if args.what in ("ref", "compare"):
         ref = train_reference(args.data, args.seconds)
-        record(args.results, {"kind": "reference", **ref, "seconds": args.seconds}, peaks)
+        record(args.results, {"kind": "reference", "data": args.data, **ref, "seconds": args.seconds}, peaks)
     if args.what in ("run", "compare"):
         ours = train_charrnn(args.data, args.seconds, args.dtype, args.model, args.train, args.variant)
         record(args.results, {**ours, "seconds": args.seconds}, peaks)
