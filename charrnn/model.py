@@ -129,6 +129,7 @@ class Cell:
     gates: int  # gate blocks per unit in torch's weight rows (G)
     kernel_id: int  # which arithmetic of csrc/step.cpp's ``cell_update`` computes it
     has_cell_state: bool  # carries c beside h (LSTM)
+    title: str  # its name for readers, as a model card writes it
     options: dict[str, Any] = field(default_factory=dict)  # extra arguments of ``module``
 
     @property
@@ -138,10 +139,14 @@ class Cell:
 
 
 CELL_TABLE: dict[str, Cell] = {
-    "lstm": Cell(nn.LSTM, gates=4, kernel_id=0, has_cell_state=True),  # gates i, f, g, o
-    "gru": Cell(nn.GRU, gates=3, kernel_id=1, has_cell_state=False),  # gates r, z, n
-    "rnn_tanh": Cell(nn.RNN, gates=1, kernel_id=2, has_cell_state=False, options={"nonlinearity": "tanh"}),
-    "rnn_relu": Cell(nn.RNN, gates=1, kernel_id=3, has_cell_state=False, options={"nonlinearity": "relu"}),
+    "lstm": Cell(nn.LSTM, gates=4, kernel_id=0, has_cell_state=True, title="LSTM"),  # gates i, f, g, o
+    "gru": Cell(nn.GRU, gates=3, kernel_id=1, has_cell_state=False, title="GRU"),  # gates r, z, n
+    "rnn_tanh": Cell(
+        nn.RNN, gates=1, kernel_id=2, has_cell_state=False, title="Elman RNN (tanh)", options={"nonlinearity": "tanh"}
+    ),
+    "rnn_relu": Cell(
+        nn.RNN, gates=1, kernel_id=3, has_cell_state=False, title="Elman RNN (ReLU)", options={"nonlinearity": "relu"}
+    ),
 }
 assert tuple(CELL_TABLE) == CELL_NAMES, "config.CELLS and the cell table name the same cells"
 

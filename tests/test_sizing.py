@@ -12,7 +12,7 @@ from charrnn.cli.train import build_parser
 from charrnn.config import ModelConfig, TrainConfig
 from charrnn.errors import ConfigError
 from charrnn.model import CharRNN
-from charrnn.training.sizing import CANDIDATES, choose_size, plan_run, step_weights
+from charrnn.training.sizing import CANDIDATES, choose_size, dropout_for, plan_run, step_weights
 from charrnn.training.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -50,6 +50,15 @@ def test_a_step_budget_plans_without_a_probe_and_the_same_way_twice():
     assert plan.config.min_lr == pytest.approx(plan.config.lr / 10)
     assert not plan.model.unresolved
     assert f"{plan.model.n_layers}x{plan.model.hidden_size} chosen for 2,000 steps" in plan.reason
+
+
+def test_dropout_rises_with_the_epochs_and_a_noisy_probe_moves_it_little():
+    epochs = [e / 10 for e in range(400)]
+    rates = [dropout_for(e) for e in epochs]
+    assert rates == sorted(rates)
+    assert dropout_for(3.9) == 0.0 and dropout_for(8) == 0.1 and dropout_for(30) == 0.4
+    # A probe 15% off (the noise measured on a shared 2-core machine) changes the rate by at most 0.1.
+    assert all(abs(dropout_for(1.15 * e) - dropout_for(e)) <= 0.1 for e in epochs if e > 5)
 
 
 def test_what_the_user_gives_wins():

@@ -23,7 +23,7 @@ from ..errors import CheckpointError
 from ..evaluation import LN2
 from ..generation.sampler import Sampler
 from ..hub import parse_hub_name, upload_folder
-from ..model import count_parameters
+from ..model import CELL_TABLE, count_parameters
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -71,8 +71,6 @@ sampler = charrnn.load("hf:{{ repo_id }}")
 print(sampler.generate("ROMEO:", length=200, temperature=0.8, seed=1))
 ```
 """
-
-_CELL_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "Elman RNN (tanh)", "rnn_relu": "Elman RNN (ReLU)"}
 
 
 @dataclass(frozen=True)
@@ -140,7 +138,7 @@ def model_card(
         title=repo_id.split("/")[-1],
         repo_id=repo_id,
         cell=config.cell,
-        cell_name=_CELL_NAMES.get(config.cell, config.cell),
+        cell_name=CELL_TABLE[config.cell].title,
         n_layers=config.n_layers,
         hidden_size=config.hidden_size,
         embedding_size=config.embedding_size,

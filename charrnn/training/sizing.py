@@ -19,7 +19,8 @@ from a measured scaling study (``benchmarks/budget.py``, written up in
 - **The rest.** Small batches (32 x 64: at a fixed budget the number of updates counts
   more than their size), a learning rate that shrinks as the layers widen, a warm-up
   of 2% of the planned steps, a cosine decay to a tenth over the budget, eight
-  evaluations a run, and dropout only when the run reads the corpus more than four times.
+  evaluations a run, and dropout only when the run reads the corpus more than four times,
+  rising with the number of times it does.
 
 A setting the user gives always wins; the others are chosen around it.
 """
@@ -60,6 +61,8 @@ MIN_LR_FRACTION = 0.1
 EVALUATIONS = 8  # full-split evaluations a run makes; the last one comes at its end
 FALLBACK_EVAL_INTERVAL = 250  # when nothing measured the steps a time budget buys
 PROBE_SECONDS = 0.6  # per probed size; at most two sizes are probed
+DROPOUT_FROM_EPOCHS = 4  # no dropout for runs that read the corpus at most this often
+DROPOUT_RISE = ((10, 0.1), (18, 0.4))  # (epochs, dropout): flat before the first, after the last
 
 
 @dataclass(frozen=True)
@@ -134,12 +137,17 @@ def learning_rate_for(hidden: int) -> float:
 def dropout_for(epochs: float) -> float:
     """No dropout for a run that reads the corpus a few times; more the more often it rereads it.
 
-    Measured (docs/scaling.md): 2x512 for 30 min on Tiny Shakespeare, 18 epochs, overfitted
-    with 0.2 (best 1.4262, then worse) and reached 1.4136 with 0.4.
+    Measured (docs/scaling.md): the 300 s runs (5 to 10 epochs) used 0.1; 2x512 for 30 min
+    on Tiny Shakespeare, 18 epochs, overfitted with 0.2 (best 1.4262, then worse) and
+    reached 1.4136 with 0.4. Between 10 and 18 epochs the rate rises in a straight line,
+    so that the probe's noise (its figure moves by 10-20% from one second to the next on
+    a shared machine) moves the rate a little, never from 0.1 to 0.4.
     """
-    if epochs <= 4:
+    if epochs <= DROPOUT_FROM_EPOCHS:
         return 0.0
-    return 0.1 if epochs <= 16 else 0.4
+    low, high = DROPOUT_RISE
+    rise = min(max((epochs - low[0]) / (high[0] - low[0]), 0.0), 1.0)
+    return round(low[1] + rise * (high[1] - low[1]), 2)
 
 
 def measure_speed(
@@ -238,8 +246,11 @@ def plan_run(
 
     hidden, layers = choose_size(budget_chars, model, corpus_chars) if sizes_auto else (model.hidden_size, model.n_layers)
     if probe:
-        chosen = replace(model, hidden_size=hidden, n_layers=layers, dropout=0.0)
-        same = (hidden, layers) == (probe_model.hidden_size, probe_model.n_layers)
+        # Measured with the dropout it will get: dropout 0.27 cost a 2x384 13% of its speed here.
+        guess = budget_chars(hidden, layers) / max(corpus_chars, 1)
+        dropout = dropout_for(guess) if model.dropout is None else model.dropout
+        chosen = replace(model, hidden_size=hidden, n_layers=layers, dropout=dropout)
+        same = (hidden, layers, dropout) == (probe_model.hidden_size, probe_model.n_layers, 0.0)
         speed = flop_rate / flops_per_char(chosen) if same else share(measure_speed(chosen, batch, seq, device, dtype))
         probe_seconds = time.perf_counter() - start
         chars = min(speed * max(config.max_time - probe_seconds, 0.0), step_chars)
