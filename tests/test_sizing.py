@@ -12,7 +12,8 @@ from charrnn.cli.train import build_parser
 from charrnn.config import ModelConfig, TrainConfig
 from charrnn.errors import ConfigError
 from charrnn.model import CharRNN
-from charrnn.training.sizing import CANDIDATES, choose_size, dropout_for, plan_run, step_weights
+from charrnn.training import sizing
+from charrnn.training.sizing import CANDIDATES, choose_size, dropout_for, flops_per_char, plan_run, step_weights
 from charrnn.training.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -59,6 +60,25 @@ def test_dropout_rises_with_the_epochs_and_a_noisy_probe_moves_it_little():
     assert dropout_for(3.9) == 0.0 and dropout_for(8) == 0.1 and dropout_for(30) == 0.4
     # A probe 15% off (the noise measured on a shared 2-core machine) changes the rate by at most 0.1.
     assert all(abs(dropout_for(1.15 * e) - dropout_for(e)) <= 0.1 for e in epochs if e > 5)
+
+
+def test_the_probe_times_the_chosen_size_with_the_dropout_it_will_get(monkeypatch):
+    timed = []
+
+    def speed(model, *args):  # a machine of 1 TFLOP/s, whatever it runs
+        timed.append(model)
+        return 1e12 / flops_per_char(model)
+
+    monkeypatch.setattr(sizing, "measure_speed", speed)
+    config = TrainConfig(data="x", max_time=300.0, max_iters=0)
+    plan = plan_run(config, ModelConfig(vocab_size=65), 1_000_000, CPU, torch.float32)
+    assert plan.model.dropout > 0  # the run rereads the corpus, so dropout is on ...
+    chosen = timed[-1]  # ... and the chosen size was timed with it, since dropout costs time
+    assert (chosen.hidden_size, chosen.n_layers, chosen.dropout) == (
+        plan.model.hidden_size,
+        plan.model.n_layers,
+        plan.model.dropout,
+    )
 
 
 def test_what_the_user_gives_wins():
