@@ -9,7 +9,6 @@ described in the README ("How it is built").
 """
 
 from ._version import __version__
-from .apps.publish import push_to_hub
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .errors import (
     CharRNNError,
@@ -26,6 +25,7 @@ from .errors import (
 from .generation.chat import ChatSession, ChatTemplate
 from .generation.sampler import Context, Continuation, Sampler, load
 from .model import CharRNN, State
+from .share.publish import push_to_hub
 from .tokenizer import CharTokenizer
 
 __all__ = [

@@ -9,8 +9,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from charrnn.apps.serve_config import ServeConfig
-from charrnn.apps.server import Running
+from charrnn.serve.app import Running
+from charrnn.serve.settings import ServeConfig
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver") or shutil.which("chromium-driver")

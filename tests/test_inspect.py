@@ -15,7 +15,11 @@ import torch
 from conftest import PYTHON, REPO, make_text
 
 from charrnn import CharTokenizer
-from charrnn.apps.hidden_states import (
+from charrnn.cli.inspect import main
+from charrnn.config import ModelConfig
+from charrnn.errors import ConfigError, PromptError
+from charrnn.generation.stepper import Stepper
+from charrnn.inspector import (
     MAX_TEXT_CHARS,
     colour,
     correlations,
@@ -25,10 +29,6 @@ from charrnn.apps.hidden_states import (
     rank_units,
     render_html,
 )
-from charrnn.cli.inspect import main
-from charrnn.config import ModelConfig
-from charrnn.errors import ConfigError, PromptError
-from charrnn.generation.stepper import Stepper
 from charrnn.model import CharRNN
 
 VOWELS = "aeiou"

@@ -18,10 +18,10 @@ import pytest
 from conftest import PYTHON
 
 import charrnn
-from charrnn.apps.openai_api import chat_pieces
-from charrnn.apps.serve_config import ServeConfig
-from charrnn.apps.server import Running
-from charrnn.apps.state_cache import StateCache, piece_keys
+from charrnn.serve.app import Running
+from charrnn.serve.protocol import chat_pieces
+from charrnn.serve.settings import ServeConfig
+from charrnn.serve.state_cache import StateCache, piece_keys
 
 HOST = "127.0.0.1"  # the only address these tests ever bind
 MAX_LENGTH = 300

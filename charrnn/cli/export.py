@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..apps.export import default_export_folder, export_onnx
 from ..errors import ConfigError
+from ..share.onnx import default_export_folder, export_onnx
 from .options import new_parser, run_cli
 
 HELP = "export a model's one-character step to ONNX, with its vocabulary"

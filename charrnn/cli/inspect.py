@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write, read_text_file
-from ..apps.hidden_states import DEFAULT_TOP, MAX_TEXT_CHARS, compile_pattern, inspect_text, render_html
 from ..checkpoint import find_latest_checkpoint, load_checkpoint
 from ..device import resolve_device
 from ..errors import ConfigError, PromptError
+from ..inspector import DEFAULT_TOP, MAX_TEXT_CHARS, compile_pattern, inspect_text, render_html
 from .options import add_checkpoint_option, add_device_option, new_parser, run_cli
 
 HELP = "colour a text by the hidden state of chosen units (an HTML page)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..apps.publish import SAMPLE_LENGTH, push_to_hub
+from ..share.publish import SAMPLE_LENGTH, push_to_hub
 from .options import new_parser, run_cli, unescape
 
 HELP = "upload a run's best checkpoint with a model card to the Hugging Face Hub"

@@ -9,11 +9,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..apps.serve_config import ServeConfig
 from ..checkpoint import find_latest_checkpoint
 from ..errors import ConfigError
 from ..generation.chat import ChatTemplate
 from ..generation.sampler import load
+from ..serve.settings import ServeConfig
 from .options import add_fields, add_runtime_options, new_parser, pick, run_cli, unescape
 
 HELP = "serve a trained model over HTTP (the OpenAI API, and a chat page)"
@@ -52,7 +52,7 @@ def run(argv: list[str], prog: str = "charrnn-serve") -> int:
     config = pick(ServeConfig, values)  # checked before the model loads
     template = ChatTemplate(unescape(args.user_prefix), unescape(args.bot_prefix), unescape(args.separator))
     try:
-        from ..apps import server as app
+        from ..serve import app
     except ImportError as exc:
         raise ConfigError(f"charrnn serve needs the serve extra ({exc.name} is missing): pip install 'charrnn[serve]'") from None
     checkpoint = args.checkpoint if args.checkpoint is not None else find_latest_checkpoint()

@@ -36,7 +36,7 @@ from ..config import MAX_SEED
 from ..errors import PromptError
 from ..generation.chat import ChatTemplate
 from ..tokenizer import CharTokenizer
-from .serve_config import ServeConfig
+from .settings import ServeConfig
 
 MAX_STOPS, MAX_STOP_CHARS = 8, 64  # stop strings are checked after every character: bound them
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

@@ -1,6 +1,6 @@
 """An OpenAI-compatible model server: Starlette on uvicorn (the ``serve`` extra).
 
-Endpoints (see ``openai_api`` for the fields each one honours, ignores or refuses):
+Endpoints (see ``protocol`` for the fields each one honours, ignores or refuses):
 
 ``GET /v1/models``, ``GET /v1/models/{id}``
     the one model this server holds.
@@ -61,7 +61,7 @@ from ..config import SAMPLE_DEFAULTS
 from ..errors import CharRNNError
 from ..generation.chat import ChatTemplate, model_fingerprint
 from ..generation.sampler import Context, Sampler
-from .openai_api import (
+from .protocol import (
     MAX_STOP_CHARS,
     MAX_STOPS,
     Answer,
@@ -73,7 +73,7 @@ from .openai_api import (
     parse_body,
     sse,
 )
-from .serve_config import ServeConfig
+from .settings import ServeConfig
 from .state_cache import StateCache, piece_keys
 
 log = logging.getLogger("charrnn.serve")

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, PromptError
-from ..model import CELL_TABLE, CharRNN
-from ..tokenizer import CharTokenizer
+from .errors import ConfigError, PromptError
+from .model import CELL_TABLE, CharRNN
+from .tokenizer import CharTokenizer
 
 MAX_TEXT_CHARS = 10_000  # the page holds one coloured copy of the text per unit
 MAX_UNITS = 32

@@ -1,0 +1,1 @@
+"""Sharing a trained model: ONNX export (``onnx``) and Hub publishing with its model card (``publish``)."""
