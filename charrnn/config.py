@@ -2,7 +2,8 @@
 
 Each field's ``help`` metadata doubles as the command-line help, so the flags and the
 library never disagree. Validation happens on creation (``__post_init__``): a config
-that exists is a config that works.
+that exists is a config that works. Errors name fields (``hidden_size``), as a library
+caller writes them; the CLI reports them as its flags (``--hidden-size``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ LOGGERS = ("none", "tensorboard")
 MAX_SEED = (1 << 63) - 1  # torch.Generator takes 64 bits; 63 leave room for the per-process offsets
 
 
-def check_seed(seed: int | None, name: str = "--seed") -> None:
+def check_seed(seed: int | None, name: str = "seed") -> None:
     """A seed is None (fresh) or an integer in [0, 2**63 - 1]: the one rule for every front end."""
     _check(
         seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED),
@@ -33,7 +34,9 @@ def check_seed(seed: int | None, name: str = "--seed") -> None:
     )
 
 
-def _help(text: str, **extra: Any) -> dict[str, Any]:
+def field_help(text: str, **extra: Any) -> dict[str, Any]:
+    """A config field's metadata: its ``help`` (the command-line help of its flag) and any
+    ``extra`` keys the CLI reads (``cli=False``, ``choices``, ``auto``)."""
     return {"help": text, **extra}
 
 
@@ -72,18 +75,18 @@ def _check_types(config: Any) -> None:
 class ModelConfig:
     """The shape of a CharRNN. Changing any of these makes a different model."""
 
-    vocab_size: int = field(default=0, metadata=_help("characters in the vocabulary (set from the corpus)", cli=False))
-    cell: str = field(default="lstm", metadata=_help(f"recurrent cell: {', '.join(CELLS)}", choices=CELLS))
+    vocab_size: int = field(default=0, metadata=field_help("characters in the vocabulary (set from the corpus)", cli=False))
+    cell: str = field(default="lstm", metadata=field_help(f"recurrent cell: {', '.join(CELLS)}", choices=CELLS))
     n_layers: int | None = field(
-        default=None, metadata=_help("stacked recurrent layers (auto: chosen from the budget)", auto=True)
+        default=None, metadata=field_help("stacked recurrent layers (auto: chosen from the budget)", auto=True)
     )
     hidden_size: int | None = field(
-        default=None, metadata=_help("units per recurrent layer (auto: chosen from the budget)", auto=True)
+        default=None, metadata=field_help("units per recurrent layer (auto: chosen from the budget)", auto=True)
     )
-    embedding_size: int = field(default=64, metadata=_help("size of the character embedding"))
+    embedding_size: int = field(default=64, metadata=field_help("size of the character embedding"))
     dropout: float | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "dropout between layers and before the output head, in [0, 1) (auto: 0 for a run that reads the corpus up to four times, more beyond)",
             auto=True,
         ),
@@ -93,12 +96,12 @@ class ModelConfig:
         _check_types(self)
         _check(self.cell in CELLS, f"unknown cell {self.cell!r}: choose one of {', '.join(CELLS)}")
         _check(self.vocab_size >= 0, f"vocab_size must be >= 0, got {self.vocab_size}")
-        _check(self.n_layers is None or self.n_layers >= 1, f"--n-layers must be at least 1, got {self.n_layers}")
-        _check(self.hidden_size is None or self.hidden_size >= 1, f"--hidden-size must be at least 1, got {self.hidden_size}")
-        _check(self.embedding_size >= 1, f"--embedding-size must be at least 1, got {self.embedding_size}")
+        _check(self.n_layers is None or self.n_layers >= 1, f"n_layers must be at least 1, got {self.n_layers}")
+        _check(self.hidden_size is None or self.hidden_size >= 1, f"hidden_size must be at least 1, got {self.hidden_size}")
+        _check(self.embedding_size >= 1, f"embedding_size must be at least 1, got {self.embedding_size}")
         _check(
             self.dropout is None or (0.0 <= self.dropout < 1.0 and math.isfinite(self.dropout)),
-            f"--dropout must be in [0, 1), got {self.dropout}",
+            f"dropout must be in [0, 1), got {self.dropout}",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,125 +126,129 @@ class TrainConfig:
 
     data: str = field(
         default="shakespeare",
-        metadata=_help("corpus: 'shakespeare', a .txt file, a folder of text files, or hf:OWNER/NAME"),
+        metadata=field_help("corpus: 'shakespeare', a .txt file, a folder of text files, or hf:OWNER/NAME"),
     )
-    hf_split: str = field(default="train", metadata=_help("split of an hf: dataset"))
+    hf_split: str = field(default="train", metadata=field_help("split of an hf: dataset"))
     hf_column: str | None = field(
-        default=None, metadata=_help("text column of an hf: dataset (default: 'text' or the only string column)")
+        default=None, metadata=field_help("text column of an hf: dataset (default: 'text' or the only string column)")
     )
     max_vocab: int = field(
-        default=0, metadata=_help("keep the N most frequent characters; rarer ones read as <unk> (0: keep all)")
+        default=0, metadata=field_help("keep the N most frequent characters; rarer ones read as <unk> (0: keep all)")
     )
-    out: str | None = field(default=None, metadata=_help("run directory (default: checkpoints/<data>-<time>)"))
-    resume: str | None = field(default=None, metadata=_help("continue training from this checkpoint (a run's 'last' directory)"))
+    out: str | None = field(default=None, metadata=field_help("run directory (default: checkpoints/<data>-<time>)"))
+    resume: str | None = field(
+        default=None, metadata=field_help("continue training from this checkpoint (a run's 'last' directory)")
+    )
     init_from: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "fine-tune: start a new run from this checkpoint's weights and vocabulary (a run, its best/last, or "
             "hf:OWNER/NAME), with a fresh optimizer, schedule and step count; the model shape comes from it"
         ),
     )
     new_chars: str = field(
         default="grow",
-        metadata=_help(
+        metadata=field_help(
             "with --init-from, characters of the corpus the model never saw: grow gives each new embedding and "
             "output rows, unk reads them as <unk>",
             choices=NEW_CHARS,
         ),
     )
-    seq_len: int | None = field(default=None, metadata=_help("characters per truncated-BPTT chunk (auto: 64)", auto=True))
+    seq_len: int | None = field(default=None, metadata=field_help("characters per truncated-BPTT chunk (auto: 64)", auto=True))
     batch_size: int | None = field(
         default=None,
-        metadata=_help(
+        metadata=field_help(
             "parallel streams per step, per process (under torchrun the global batch is this x the number of processes; auto: 32)",
             auto=True,
         ),
     )
     lr: float | None = field(
-        default=None, metadata=_help("peak learning rate (AdamW; auto: smaller for wider layers)", auto=True)
+        default=None, metadata=field_help("peak learning rate (AdamW; auto: smaller for wider layers)", auto=True)
     )
     min_lr: float | None = field(
-        default=None, metadata=_help("learning rate at the end of the cosine decay (auto: lr / 10)", auto=True)
+        default=None, metadata=field_help("learning rate at the end of the cosine decay (auto: lr / 10)", auto=True)
     )
     warmup_iters: int | None = field(
-        default=None, metadata=_help("steps of linear warm-up (auto: 2%% of the steps the budget buys)", auto=True)
+        default=None, metadata=field_help("steps of linear warm-up (auto: 2%% of the steps the budget buys)", auto=True)
     )
     lr_decay_iters: int = field(
-        default=0, metadata=_help("steps of the cosine decay (0: decay over the budget, --max-iters or --max-time)")
+        default=0, metadata=field_help("steps of the cosine decay (0: decay over the budget, --max-iters or --max-time)")
     )
-    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay on weight matrices"))
-    grad_clip: float = field(default=1.0, metadata=_help("clip the global gradient norm to this (0: off)"))
-    max_iters: int = field(default=0, metadata=_help("stop after this many steps (0: no step limit)"))
+    weight_decay: float = field(default=0.1, metadata=field_help("AdamW weight decay on weight matrices"))
+    grad_clip: float = field(default=1.0, metadata=field_help("clip the global gradient norm to this (0: off)"))
+    max_iters: int = field(default=0, metadata=field_help("stop after this many steps (0: no step limit)"))
     max_time: float = field(
         default=300.0,
-        metadata=_help("stop after this many seconds of training steps; evaluations come on top (0: no time limit)"),
+        metadata=field_help("stop after this many seconds of training steps; evaluations come on top (0: no time limit)"),
     )
     eval_interval: int | None = field(
-        default=None, metadata=_help("evaluate on the full validation split every N steps (auto: 8 times a run)", auto=True)
+        default=None, metadata=field_help("evaluate on the full validation split every N steps (auto: 8 times a run)", auto=True)
     )
     save_every: float = field(
         default=300.0,
-        metadata=_help(
+        metadata=field_help(
             "also save a resumable 'last' at least this often, in seconds of wall-clock time, between evaluations "
             "(0: at evaluations only); a crashed or restarted run loses at most this much"
         ),
     )
-    patience: int = field(default=5, metadata=_help("stop after N evaluations without improvement (0: never)"))
-    sample_chars: int = field(default=200, metadata=_help("characters of sample text printed at each evaluation (0: none)"))
-    seed: int = field(default=1337, metadata=_help("random seed: same seed, same machine, same run"))
-    device: str = field(default="auto", metadata=_help("auto picks cuda, then mps, then cpu", choices=DEVICES))
+    patience: int = field(default=5, metadata=field_help("stop after N evaluations without improvement (0: never)"))
+    sample_chars: int = field(default=200, metadata=field_help("characters of sample text printed at each evaluation (0: none)"))
+    seed: int = field(default=1337, metadata=field_help("random seed: same seed, same machine, same run"))
+    device: str = field(default="auto", metadata=field_help("auto picks cuda, then mps, then cpu", choices=DEVICES))
     dtype: str = field(
         default="auto",
-        metadata=_help("training precision: auto uses bfloat16 autocast where the hardware has it", choices=DTYPES),
+        metadata=field_help("training precision: auto uses bfloat16 autocast where the hardware has it", choices=DTYPES),
     )
     log: str = field(
         default="none",
-        metadata=_help(
+        metadata=field_help(
             "also log the run live: tensorboard writes step loss, lr, val loss, throughput and samples to RUN/tensorboard",
             choices=LOGGERS,
         ),
     )
-    plot: bool = field(default=True, metadata=_help("draw the loss curves to RUN/training.png at the end (needs matplotlib)"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar", cli=False))
+    plot: bool = field(
+        default=True, metadata=field_help("draw the loss curves to RUN/training.png at the end (needs matplotlib)")
+    )
+    progress: bool = field(default=True, metadata=field_help("show a progress bar", cli=False))
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _check(bool(self.data), "--data must name a corpus")
-        _check(self.max_vocab == 0 or self.max_vocab >= 2, f"--max-vocab must be 0 (all) or at least 2, got {self.max_vocab}")
-        _check(self.seq_len is None or self.seq_len >= 1, f"--seq-len must be at least 1, got {self.seq_len}")
-        _check(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        _check(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"--lr must be a positive number, got {self.lr}")
+        _check(bool(self.data), "data must name a corpus")
+        _check(self.max_vocab == 0 or self.max_vocab >= 2, f"max_vocab must be 0 (all) or at least 2, got {self.max_vocab}")
+        _check(self.seq_len is None or self.seq_len >= 1, f"seq_len must be at least 1, got {self.seq_len}")
+        _check(self.batch_size is None or self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+        _check(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"lr must be a positive number, got {self.lr}")
         _check(
             self.min_lr is None or (0 <= self.min_lr <= (self.lr if self.lr is not None else math.inf)),
-            f"--min-lr must be in [0, --lr], got {self.min_lr}",
+            f"min_lr must be in [0, lr], got {self.min_lr}",
         )
-        _check(self.warmup_iters is None or self.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {self.warmup_iters}")
-        _check(self.lr_decay_iters >= 0, f"--lr-decay-iters must be >= 0, got {self.lr_decay_iters}")
-        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
-        _check(self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}")
-        _check(self.max_iters >= 0, f"--max-iters must be >= 0, got {self.max_iters}")
-        _check(self.max_time >= 0, f"--max-time must be >= 0, got {self.max_time}")
+        _check(self.warmup_iters is None or self.warmup_iters >= 0, f"warmup_iters must be >= 0, got {self.warmup_iters}")
+        _check(self.lr_decay_iters >= 0, f"lr_decay_iters must be >= 0, got {self.lr_decay_iters}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        _check(self.max_iters >= 0, f"max_iters must be >= 0, got {self.max_iters}")
+        _check(self.max_time >= 0, f"max_time must be >= 0, got {self.max_time}")
         _check(
             self.max_iters > 0 or self.max_time > 0,
-            "set a budget: --max-iters or --max-time must be positive, or training never ends",
+            "set a budget: max_iters or max_time must be positive, or training never ends",
         )
         _check(
-            self.eval_interval is None or self.eval_interval >= 1, f"--eval-interval must be at least 1, got {self.eval_interval}"
+            self.eval_interval is None or self.eval_interval >= 1, f"eval_interval must be at least 1, got {self.eval_interval}"
         )
         _check(
             self.save_every >= 0 and math.isfinite(self.save_every),
-            f"--save-every must be a number of seconds >= 0 (0: save at evaluations only), got {self.save_every}",
+            f"save_every must be a number of seconds >= 0 (0: save at evaluations only), got {self.save_every}",
         )
-        _check(self.patience >= 0, f"--patience must be >= 0, got {self.patience}")
-        _check(self.sample_chars >= 0, f"--sample-chars must be >= 0, got {self.sample_chars}")
+        _check(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
+        _check(self.sample_chars >= 0, f"sample_chars must be >= 0, got {self.sample_chars}")
         check_seed(self.seed)
-        _check(self.device in DEVICES, f"unknown --device {self.device!r}: choose one of {', '.join(DEVICES)}")
-        _check(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        _check(self.new_chars in NEW_CHARS, f"unknown --new-chars {self.new_chars!r}: choose one of {', '.join(NEW_CHARS)}")
-        _check(self.log in LOGGERS, f"unknown --log {self.log!r}: choose one of {', '.join(LOGGERS)}")
+        _check(self.device in DEVICES, f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)}")
+        _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        _check(self.new_chars in NEW_CHARS, f"unknown new_chars {self.new_chars!r}: choose one of {', '.join(NEW_CHARS)}")
+        _check(self.log in LOGGERS, f"unknown log {self.log!r}: choose one of {', '.join(LOGGERS)}")
         _check(
             not (self.resume and self.init_from),
-            "--resume continues a run and --init-from starts a new one from a trained model: give one of them",
+            "resume continues a run and init_from starts a new one from a trained model: give one of them",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -252,12 +259,14 @@ class TrainConfig:
 class SampleConfig:
     """How to pick each next character."""
 
-    length: int = field(default=500, metadata=_help("characters to generate"))
-    temperature: float = field(default=0.8, metadata=_help("softmax temperature; 0 means greedy"))
-    top_k: int = field(default=0, metadata=_help("sample from the k likeliest characters only (0: off)"))
-    top_p: float = field(default=1.0, metadata=_help("nucleus sampling: smallest set with this much probability (1: off)"))
-    seed: int | None = field(default=None, metadata=_help("random seed (default: a fresh one each run)"))
-    stop: tuple[str, ...] = field(default=(), metadata=_help("stop when the text produces this string (repeatable)", cli=False))
+    length: int = field(default=500, metadata=field_help("characters to generate"))
+    temperature: float = field(default=0.8, metadata=field_help("softmax temperature; 0 means greedy"))
+    top_k: int = field(default=0, metadata=field_help("sample from the k likeliest characters only (0: off)"))
+    top_p: float = field(default=1.0, metadata=field_help("nucleus sampling: smallest set with this much probability (1: off)"))
+    seed: int | None = field(default=None, metadata=field_help("random seed (default: a fresh one each run)"))
+    stop: tuple[str, ...] = field(
+        default=(), metadata=field_help("stop when the text produces this string (repeatable)", cli=False)
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -268,7 +277,7 @@ class SampleConfig:
         )
         # Any k >= the vocabulary keeps every character, as 0 does; the sampler clamps it there.
         _check(self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
-        check_seed(self.seed, "seed")
+        check_seed(self.seed)
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
 

@@ -3,7 +3,7 @@
 Shapes: B = batch, T = time, V = vocabulary, H = hidden size, L = layers.
 The recurrent stack is torch's fused ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (cuDNN on
 CUDA, oneDNN on CPU), which is the fast path for whole sequences. Sampling one
-character at a time uses ``charrnn.stepper`` instead, over the same weights.
+character at a time uses ``charrnn.generation.stepper`` instead, over the same weights.
 """
 
 from __future__ import annotations

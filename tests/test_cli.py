@@ -6,14 +6,13 @@ import json
 import subprocess
 
 import pytest
-from conftest import PYTHON, REPO
+from conftest import PYTHON, TINY_TRAIN_FLAGS, run_python
+from conftest import SAMPLE_SCRIPT as SAMPLE
+from conftest import TRAIN_SCRIPT as TRAIN
 
-TRAIN = str(REPO / "train.py")
-SAMPLE = str(REPO / "sample.py")
 
-
-def run(args, env, cwd, timeout=180):
-    return subprocess.run([PYTHON, *args], cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=timeout)
+def run(args, env, cwd):
+    return run_python(args, env, cwd, timeout=180)
 
 
 @pytest.fixture(scope="module")
@@ -22,34 +21,7 @@ def cli_run(tmp_path_factory, corpus_file, subprocess_env):
     work = tmp_path_factory.mktemp("cli")
     out = work / "run"
     proc = run(
-        [
-            TRAIN,
-            "--data",
-            str(corpus_file),
-            "--max-iters",
-            "20",
-            "--max-time",
-            "0",
-            "--eval-interval",
-            "10",
-            "--hidden-size",
-            "32",
-            "--embedding-size",
-            "8",
-            "--batch-size",
-            "4",
-            "--seq-len",
-            "16",
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-            "--dtype",
-            "float32",
-            "--sample-chars",
-            "0",
-            "--no-plot",
-        ],
+        [TRAIN, "--data", str(corpus_file), "--max-iters", "20", "--eval-interval", "10", "--out", str(out), *TINY_TRAIN_FLAGS],
         subprocess_env,
         cwd=work,
     )

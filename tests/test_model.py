@@ -127,13 +127,13 @@ def test_state_is_one_type_for_every_cell(cell):
     ("overrides", "message"),
     [
         ({"cell": "transformer"}, r"unknown cell 'transformer': choose one of lstm, gru, rnn_tanh, rnn_relu"),
-        ({"n_layers": 0}, r"--n-layers must be at least 1, got 0"),
-        ({"dropout": 1.5}, r"--dropout must be in \[0, 1\), got 1.5"),
-        ({"dropout": -0.1}, r"--dropout must be in \[0, 1\), got -0.1"),
-        ({"dropout": 1.0}, r"--dropout must be in \[0, 1\), got 1.0"),
-        ({"dropout": float("nan")}, r"--dropout must be in \[0, 1\), got nan"),
-        ({"hidden_size": 0}, r"--hidden-size must be at least 1, got 0"),
-        ({"embedding_size": -3}, r"--embedding-size must be at least 1, got -3"),
+        ({"n_layers": 0}, r"n_layers must be at least 1, got 0"),
+        ({"dropout": 1.5}, r"dropout must be in \[0, 1\), got 1.5"),
+        ({"dropout": -0.1}, r"dropout must be in \[0, 1\), got -0.1"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+        ({"dropout": float("nan")}, r"dropout must be in \[0, 1\), got nan"),
+        ({"hidden_size": 0}, r"hidden_size must be at least 1, got 0"),
+        ({"embedding_size": -3}, r"embedding_size must be at least 1, got -3"),
     ],
 )
 def test_model_config_errors(overrides, message):

@@ -122,7 +122,7 @@ def test_the_trainer_runs_what_the_plan_chose(tmp_path):
 
 
 def test_a_given_min_lr_above_the_chosen_lr_is_refused():
-    with pytest.raises(ConfigError, match="--min-lr must be in"):
+    with pytest.raises(ConfigError, match="min_lr must be in"):
         plan_run(step_budget(100, min_lr=1.0), ModelConfig(vocab_size=65), 1_000_000, CPU, torch.float32)
 
 

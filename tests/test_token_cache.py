@@ -93,7 +93,7 @@ def test_max_vocab_reaches_the_model_through_training(tmp_path, corpus_file):
     trainer = Trainer(tiny_train_config(corpus_file, tmp_path / "run", max_vocab=10), tiny_model_config())
     assert trainer.tokenizer.vocab_size == 10
     assert trainer.model.head.out_features == 10
-    with pytest.raises(ConfigError, match="--max-vocab must be 0 .all. or at least 2"):
+    with pytest.raises(ConfigError, match="max_vocab must be 0 .all. or at least 2"):
         tiny_train_config(corpus_file, tmp_path / "run", max_vocab=1)
 
 

@@ -19,7 +19,7 @@ from ..config import SampleConfig
 from ..errors import CharRNNError, ConfigError
 from ..generation.chat import ChatSession, ChatTemplate
 from ..generation.sampler import MAX_PROMPT_CHARS, load
-from .options import add_fields, add_runtime_options, new_parser, run_cli, unescape
+from .options import add_fields, add_runtime_options, add_template_options, new_parser, run_cli, template_from, unescape
 
 HELP = "chat with a trained model in the terminal"
 
@@ -32,24 +32,15 @@ COMMANDS = """commands:
   /quit         leave (so does end of input, Ctrl-D)"""
 
 
-def _shown(text: str) -> str:
-    """A template string as the help shows it: newlines as \\n."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
-
-
 def build_parser(prog: str = "charrnn-chat") -> argparse.ArgumentParser:
-    defaults = ChatTemplate()
     parser = new_parser(
         prog,
         "Chat with a trained charrnn model in the terminal; replies stream as they are written. "
         "Type /help in the chat for its commands.",
-        "In the template options, \\n means a newline and \\t a tab.",
     )
     add_runtime_options(parser)
     add_fields(parser, SampleConfig, "replies (length: the most characters of one)")
-    parser.add_argument("--user-prefix", default=_shown(defaults.user_prefix), help="written before each of your messages")
-    parser.add_argument("--bot-prefix", default=_shown(defaults.bot_prefix), help="written before each reply")
-    parser.add_argument("--separator", default=_shown(defaults.turn_separator), help="ends every turn")
+    add_template_options(parser, "chat template (how the conversation is written into the text the model reads)")
     parser.add_argument(
         "--stop", action="append", default=[], help="a reply ends at this string (repeatable; default: the separator)"
     )
@@ -204,7 +195,7 @@ class Terminal:
 
 def run(argv: list[str], prog: str = "charrnn-chat") -> int:
     args = build_parser(prog).parse_args(argv)
-    template = ChatTemplate(unescape(args.user_prefix), unescape(args.bot_prefix), unescape(args.separator))
+    template = template_from(args)
     preamble = unescape(args.preamble)
     if args.preamble_file:
         preamble = read_text_file(args.preamble_file, f"--preamble-file {args.preamble_file}", MAX_PROMPT_CHARS, ConfigError)

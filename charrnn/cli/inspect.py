@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write, read_text_file
-from ..checkpoint import find_latest_checkpoint, load_checkpoint
+from ..checkpoint import load_checkpoint
 from ..device import resolve_device
 from ..errors import ConfigError, PromptError
 from ..inspector import DEFAULT_TOP, MAX_TEXT_CHARS, compile_pattern, inspect_text, render_html
-from .options import add_checkpoint_option, add_device_option, new_parser, run_cli
+from .options import add_checkpoint_option, add_device_option, chosen_checkpoint, new_parser, run_cli
 
 HELP = "colour a text by the hidden state of chosen units (an HTML page)"
 
@@ -76,7 +76,7 @@ def run(argv: list[str], prog: str = "charrnn-inspect") -> int:
         # One character after another at batch 1: each step is a small matrix-vector
         # product, where a second thread only adds waiting (10-30x slower on a busy machine).
         torch.set_num_threads(1)
-    ckpt = load_checkpoint(args.checkpoint if args.checkpoint is not None else find_latest_checkpoint(), device)
+    ckpt = load_checkpoint(chosen_checkpoint(args), device)
     result = inspect_text(
         ckpt.model, ckpt.tokenizer, text, units=units, pattern=args.pattern, top=args.top,
         layer=args.layer, state=args.state,

@@ -7,19 +7,24 @@ field's metadata), so the library and the CLI never drift apart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
 import signal
 import sys
+import traceback
 import types
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+from ..checkpoint import find_latest_checkpoint
 from ..config import DEVICES
-from ..errors import CharRNNError
+from ..errors import CharRNNError, ConfigError
+from ..generation.chat import ChatTemplate
 from ..generation.sampler import PRECISIONS
 
 EXIT_USER_ERROR = 2
@@ -64,6 +69,26 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, title: str, skip: Seq
         elif "type" not in kwargs:
             kwargs["type"] = kind
         group.add_argument(_flag(f.name), **kwargs)
+
+
+@contextlib.contextmanager
+def fields_as_flags(*classes: type) -> Iterator[None]:
+    """Report the errors of the configs ``classes`` raised inside with their flags.
+
+    A config's own checks name its fields, as a library caller writes them (``hidden_size
+    must be at least 1``); the command line names the flag the user typed (``--hidden-size
+    must be at least 1``). Other ConfigErrors (a run directory, a device) pass as they are.
+    """
+    modules = {cls.__module__ for cls in classes}
+    names = sorted({f.name for cls in classes for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}, key=len)
+    field = re.compile(r"(?<![\w.'\"-])(" + "|".join(reversed(names)) + r")(?![\w'\"-])")  # whole names, not values
+    try:
+        yield
+    except ConfigError as exc:
+        frames = list(traceback.walk_tb(exc.__traceback__))
+        if not frames or frames[-1][0].f_globals.get("__name__") not in modules:
+            raise
+        raise ConfigError(field.sub(lambda m: _flag(m.group(1)), str(exc))) from None
 
 
 def _auto_or(kind: type) -> Callable[[str], Any]:
@@ -125,6 +150,11 @@ def add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def chosen_checkpoint(args: argparse.Namespace) -> str | Path:
+    """The checkpoint ``--checkpoint`` names, or the newest best under ``checkpoints/``."""
+    return args.checkpoint if args.checkpoint is not None else find_latest_checkpoint()
+
+
 def add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICES, help="where to run")
 
@@ -145,6 +175,33 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
 def unescape(text: str) -> str:
     r"""Read ``\n``, ``\t`` and ``\\`` in a command-line value (other backslashes stay as typed)."""
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def escape(text: str) -> str:
+    r"""The inverse of :func:`unescape`: a text as a command line writes it (newlines as ``\n``), for ``--help``."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
+TEMPLATE_FLAGS = {"user_prefix": "--user-prefix", "bot_prefix": "--bot-prefix", "turn_separator": "--separator"}
+
+
+def add_template_options(parser: argparse.ArgumentParser, title: str) -> None:
+    """--user-prefix, --bot-prefix and --separator, from the :class:`ChatTemplate` fields (default, help)."""
+    group = parser.add_argument_group(title, "\\n means a newline and \\t a tab")
+    template = {f.name: f for f in dataclasses.fields(ChatTemplate)}
+    for name, flag in TEMPLATE_FLAGS.items():
+        group.add_argument(
+            flag,
+            dest=name,
+            metavar=flag[2:].upper(),
+            default=escape(template[name].default),
+            help=template[name].metadata["help"],
+        )
+
+
+def template_from(args: argparse.Namespace) -> ChatTemplate:
+    """The chat template that the template options give."""
+    return ChatTemplate(**{name: unescape(getattr(args, name)) for name in TEMPLATE_FLAGS})
 
 
 def new_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from .._io import read_text_file
-from ..checkpoint import find_latest_checkpoint, load_checkpoint
+from ..checkpoint import load_checkpoint
 from ..data.corpus import load_corpus
 from ..data.streams import TRAIN_FRACTION
 from ..device import resolve_device
@@ -16,7 +16,7 @@ from ..errors import CorpusError
 from ..evaluation import DYNAMIC_LR, LN2
 from ..generation.sampler import Sampler
 from ..generation.scoring import TextScore, score_texts
-from .options import add_checkpoint_option, add_device_option, new_parser, run_cli
+from .options import add_checkpoint_option, add_device_option, chosen_checkpoint, new_parser, run_cli
 
 HELP = "measure a model's loss on text files or its validation split, optionally with dynamic evaluation"
 MAX_TEXT_CHARS = 50_000_000
@@ -71,7 +71,7 @@ def run(argv: list[str], prog: str = "charrnn score") -> int:
     # Every file is read before the model loads, so a missing one fails at once.
     texts = [("standard input" if p == "-" else p, _read(p, what)) for p, what in paths]
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint if args.checkpoint is not None else find_latest_checkpoint(), device)
+    ckpt = load_checkpoint(chosen_checkpoint(args), device)
     if not texts:
         train = ckpt.meta.get("train", {})
         corpus = load_corpus(train.get("data", "shakespeare"), train.get("hf_split", "train"), train.get("hf_column"))

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from ..config import ModelConfig, TrainConfig
 from ..generation.sampler import preview_text
 from ..training.trainer import train
-from .options import add_fields, new_parser, pick, run_cli, typed_flags
+from .options import add_fields, fields_as_flags, new_parser, pick, run_cli, typed_flags
 
 HELP = "train a model on a corpus"
 
@@ -30,7 +30,8 @@ def run(argv: list[str], prog: str = "train.py") -> int:
     args = vars(build_parser(prog=prog).parse_args(argv))
     # What was typed decides what a resumed run takes from the command line rather than from its checkpoint.
     explicit = typed_flags(lambda defaults: build_parser(defaults, prog), argv)
-    result = train(pick(TrainConfig, args), pick(ModelConfig, args), explicit, preview=preview_text)
+    with fields_as_flags(TrainConfig, ModelConfig):  # the configs' errors name fields; here they name flags
+        result = train(pick(TrainConfig, args), pick(ModelConfig, args), explicit, preview=preview_text)
     print(
         f'  sample:  python sample.py --checkpoint {result.run_dir} --prompt "ROMEO:"\n'
         f"  resume:  python train.py --resume {result.last} --max-time SECONDS",

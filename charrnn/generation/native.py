@@ -9,7 +9,7 @@ Both have the ``step(tokens, state)`` of :class:`~charrnn.generation.stepper.Ste
 ``sample`` that draws K characters. The kernel is compiled on first use for the
 machine's own instruction set (about 30 s, cached under ``~/.cache/torch_extensions``
 or ``$TORCH_EXTENSIONS_DIR``); where it cannot be built, ``load_kernel`` says why once
-and sampling runs on the torch ops of ``charrnn.stepper``.
+and sampling runs on the torch ops of ``charrnn.generation.stepper``.
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ class BatchedStepper:
     """Many streams on a CPU: batched matrix products (bfloat16 on AMX / AVX512-BF16) and,
     per layer, one fused call for the cell; sampling in the kernel too.
 
-    As in :class:`~charrnn.stepper.Stepper`, state and gate arithmetic stay float32.
+    As in :class:`~charrnn.generation.stepper.Stepper`, state and gate arithmetic stay float32.
     """
 
     def __init__(self, model: CharRNN, dtype: torch.dtype, kernel: ModuleType, batch: int):

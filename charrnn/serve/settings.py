@@ -11,13 +11,10 @@ import math
 from dataclasses import dataclass, field
 
 from ..config import SAMPLE_DEFAULTS
+from ..config import field_help as _help
 from ..errors import ConfigError
 
 MIB = 1024 * 1024
-
-
-def _help(text: str, **extra: object) -> dict[str, object]:
-    return {"help": text, **extra}
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,13 @@ from a measured scaling study (``benchmarks/budget.py``, written up in
   more would only memorise it.
 - **The rest.** Small batches (32 x 64: at a fixed budget the number of updates counts
   more than their size), a learning rate that shrinks as the layers widen, a warm-up
-  of 2% of the planned steps, a cosine decay to a tenth over the budget, eight
-  evaluations a run, and dropout only when the run reads the corpus more than four times,
-  rising with the number of times it does.
+  of 2% of the planned steps, a cosine decay to a tenth over the budget, and dropout
+  only when the run reads the corpus more than four times, rising with the number of
+  times it does.
+- **Small corpora.** A time budget that would read the corpus more than ``MAX_EPOCHS``
+  times plans that many epochs and ends there: more would only memorise the corpus, so a
+  longer budget never trains a worse model. Evaluations come at least eight times a run,
+  after every epoch, and at least every ``EVAL_SECONDS`` of training.
 
 A setting the user gives always wins; the others are chosen around it.
 """
@@ -58,7 +62,12 @@ BATCH_SIZE, SEQ_LEN = 32, 64
 BASE_LR, BASE_HIDDEN = 5e-3, 256  # lr = BASE_LR * sqrt(BASE_HIDDEN / hidden)
 WARMUP_FRACTION = 0.02
 MIN_LR_FRACTION = 0.1
-EVALUATIONS = 8  # full-split evaluations a run makes; the last one comes at its end
+EVALUATIONS = 8  # full-split evaluations a run makes at least; the last one comes at its end
+# A run that reads its corpus more often than this ends once it has: at dropout 0.4 a 1x256 on a
+# 135k-char training text was best after 15-17 epochs, whether its schedule planned 20 or 60
+# (1.0784 / 1.0858), and 60 planned epochs ended at 1.23 (docs/scaling.md, fifth session).
+MAX_EPOCHS = 24
+EVAL_SECONDS = 120.0  # between two evaluations at most, where the probe measured the speed
 FALLBACK_EVAL_INTERVAL = 250  # when nothing measured the steps a time budget buys
 PROBE_SECONDS = 0.6  # per probed size; at most two sizes are probed
 DROPOUT_FROM_EPOCHS = 4  # no dropout for runs that read the corpus at most this often
@@ -197,6 +206,19 @@ def choose_size(budget_chars: Callable[[int, int], float], model: ModelConfig, c
     return chosen
 
 
+def eval_interval(steps: int, corpus_chars: int, chars_per_step: int, speed: float | None) -> int:
+    """Steps between full-split evaluations: at least ``EVALUATIONS`` a run, one an epoch, one every ``EVAL_SECONDS``.
+
+    One evaluation reads the validation split (a ninth of the training text) forward
+    only, about 4% of an epoch's training, so evaluating every epoch stays cheap and
+    catches the best point of a run that rereads a small corpus.
+    """
+    interval = min(math.ceil(steps / EVALUATIONS), math.ceil(corpus_chars / chars_per_step))
+    if speed:
+        interval = min(interval, math.ceil(EVAL_SECONDS * speed / chars_per_step))
+    return max(1, interval)
+
+
 def _rate(chars: float) -> str:
     return f"{chars / 1000:,.1f}k chars/s" if chars < 1e6 else f"{chars / 1e6:,.2f}M chars/s"
 
@@ -259,6 +281,9 @@ def plan_run(
         chars = step_chars
     # Unknown only when everything is given and the budget is time: then nothing below needs it.
     known = math.isfinite(chars)
+    capped = known and not config.max_iters and chars > MAX_EPOCHS * corpus_chars
+    if capped:  # a small corpus: the run ends once it has read it MAX_EPOCHS times
+        chars = MAX_EPOCHS * corpus_chars
     steps = max(1, int(chars // chars_per_step)) if known else 0
     epochs = chars / max(corpus_chars, 1) if known else 0.0
 
@@ -273,14 +298,18 @@ def plan_run(
         lr=lr,
         min_lr=config.min_lr if config.min_lr is not None else round(lr * MIN_LR_FRACTION, 6),
         warmup_iters=config.warmup_iters if config.warmup_iters is not None else max(1, round(WARMUP_FRACTION * steps)),
-        eval_interval=config.eval_interval or (max(1, math.ceil(steps / EVALUATIONS)) if known else FALLBACK_EVAL_INTERVAL),
+        eval_interval=config.eval_interval
+        or (eval_interval(steps, corpus_chars, chars_per_step, speed) if known else FALLBACK_EVAL_INTERVAL),
+        max_iters=steps if capped else config.max_iters,
     )
     budget = f"{config.max_time:g} s" if config.max_time else f"{config.max_iters:,} steps"
     speed_note = f" at {_rate(speed)}" if speed else ""
     what = "chosen" if sizes_auto else "given"
     plan = f"about {steps:,} steps of {batch}x{seq} ({epochs:.1f} epochs)" if known else f"steps of {batch}x{seq}"
+    if capped:
+        plan += f", about {steps * chars_per_step / speed:.0f} s: the corpus read {MAX_EPOCHS} times, where more would only memorise it"
     reason = (
         f"{model.cell} {layers}x{hidden} {what} for {budget}{speed_note} on a {corpus_chars / 1e6:.1f}M-char corpus: "
-        f"{plan}, lr {lr:g}, dropout {model.dropout:g}"
+        f"{plan}, lr {lr:g}, dropout {model.dropout:g}, evaluation every {config.eval_interval:,} steps"
     )
     return Plan(config, model, probe_seconds, speed, reason)

@@ -525,7 +525,7 @@ at::Tensor hidden_like(const at::Tensor& h, int64_t steps) {
   return at::empty({steps, h.size(0), h.size(1), h.size(2)}, h.options());
 }
 
-// tokens (B,) -> [logits (B, V), h, c]: one step, as charrnn.stepper.Stepper.step.
+// tokens (B,) -> [logits (B, V), h, c]: one step, as charrnn.generation.stepper.Stepper.step.
 template <typename P>
 std::vector<at::Tensor> step(const P& p, const at::Tensor& tokens, const at::Tensor& h, const at::Tensor& c) {
   const int64_t B = h.size(1);
