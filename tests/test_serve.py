@@ -420,6 +420,19 @@ def read_all(sock) -> bytes:
     return data
 
 
+def test_a_megabyte_of_escaped_quotes_is_refused_while_health_answers(sampler):
+    """Once the nesting scan was quadratic and ran on the event loop: this body held every client for half an hour."""
+    body = b'{"model": "tiny", "prompt": "' + b'\\"' * (2**19 - 32)
+    with Running(sampler, ServeConfig(**{**LIMITS, "max_body_bytes": 2**20}, request_timeout=TIMEOUT)) as srv:
+        with ThreadPoolExecutor(1) as pool:
+            hostile = pool.submit(request, srv, "POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            status, _, health = request(srv, "GET", "/health")
+            assert status == 200 and json.loads(health)["status"] == "ok"
+            error = error_of(hostile.result(timeout=TIMEOUT), 400)
+        assert "JSON" in error["message"]
+        assert_answers(srv)
+
+
 def test_a_slow_client_is_cut_off_at_the_deadline(server):
     """A byte a second: the headers (or the body) never finish in time; the client gets a 408 and is dropped."""
     results = {}

@@ -346,7 +346,8 @@ class Server:
                 f"the body did not arrive within {self.config.request_timeout:g} s (it had {len(body):,} bytes): send it at once",
                 code="timeout",
             ) from None
-        return parse_body(bytes(body))
+        # Parsed in a worker thread, as the request is turned into a job: a large body never stalls the event loop.
+        return await anyio.to_thread.run_sync(parse_body, bytes(body))
 
     # -- the endpoints ---------------------------------------------------------------------
     async def chat_page(self, request: Request) -> Response:
@@ -407,13 +408,15 @@ class Server:
     async def completions(self, request: Request) -> Response:
         self._check_key(request)
         deadline = self._deadline(request)
-        job = completion_job(await self._json_body(request, deadline), self.config, self.sampler.tokenizer)
+        body = await self._json_body(request, deadline)
+        job = await anyio.to_thread.run_sync(completion_job, body, self.config, self.sampler.tokenizer)
         return await self._answer(job, deadline)
 
     async def chat_completions(self, request: Request) -> Response:
         self._check_key(request)
         deadline = self._deadline(request)
-        job = chat_job(await self._json_body(request, deadline), self.config, self.sampler.tokenizer, self.template)
+        body = await self._json_body(request, deadline)
+        job = await anyio.to_thread.run_sync(chat_job, body, self.config, self.sampler.tokenizer, self.template)
         return await self._answer(job, deadline)
 
     # -- generation ------------------------------------------------------------------------
