@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charrnn.training.trainer import Trainer, make_optimizer
+from charrnn.training.schedule import make_optimizer
+from charrnn.training.trainer import Trainer
 
 
 def ema(trainer: Trainer, cap: float = 0.998) -> None:

@@ -25,6 +25,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from ._io import MAX_JSON_BYTES, fsync_dir, parse_json, read_bytes, write_file
+from ._io import MAX_JSON_BYTES, FolderBusyError, folder_lock, fsync_dir, parse_json, read_bytes, write_file
 from ._version import __version__
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
@@ -148,6 +150,34 @@ def check_replaceable(path: Path) -> None:
     """
     if path.is_symlink() or (path.exists() and not (path / CONFIG_FILE).is_file()):
         raise CheckpointError(f"{path} exists and is not a charrnn checkpoint: it is left as it is; choose another --out")
+
+
+@contextmanager
+def claim_run_dir(run_dir: Path) -> Iterator[None]:
+    """Create ``run_dir`` and hold its lock while inside: one training writes into a run at a time.
+
+    The lock is the kernel's, so a run killed with SIGKILL leaves none behind. ``best`` and
+    ``last`` are checked now, not after the training a refusal would cost (``ConfigError``
+    or ``CheckpointError``).
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}; choose another --out") from None
+    with ExitStack() as held:
+        try:
+            held.enter_context(folder_lock(run_dir))
+        except FolderBusyError as exc:
+            raise ConfigError(
+                f"{run_dir} is being written by another training ({exc.strerror}): wait for it to end, or choose another --out"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write to the run directory {run_dir}: {exc.strerror or exc}; make it writable or choose another --out"
+            ) from None
+        for name in ("best", "last"):
+            check_replaceable(run_dir / name)
+        yield
 
 
 def _describe_os_error(exc: OSError) -> str:

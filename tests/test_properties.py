@@ -24,7 +24,8 @@ from charrnn.generation.chat import ChatSession, ChatTemplate
 from charrnn.generation.sampler import Sampler
 from charrnn.model import CharRNN
 from charrnn.tokenizer import REPLACEMENT_CHAR, UNK_ID, CharTokenizer
-from charrnn.training.trainer import Trainer, merge_resume_config, train
+from charrnn.training.resume import merge_resume_config
+from charrnn.training.trainer import Trainer, train
 
 FAST = settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

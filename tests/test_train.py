@@ -19,7 +19,8 @@ from charrnn.evaluation import evaluate
 from charrnn.model import CharRNN
 from charrnn.tokenizer import CharTokenizer
 from charrnn.training.callbacks import ConsoleReport
-from charrnn.training.trainer import StopSignal, Trainer, train
+from charrnn.training.signals import StopSignal
+from charrnn.training.trainer import Trainer, train
 
 
 def _read_metrics(run_dir):
