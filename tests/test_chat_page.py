@@ -9,8 +9,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from charrnn.serve.app import Running
 from charrnn.serve.settings import ServeConfig
+from charrnn.serve.testing import ServerThread
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver") or shutil.which("chromium-driver")
@@ -53,7 +53,7 @@ def test_type_send_see_the_streamed_reply_and_reset(sampler, browser):
     from selenium.webdriver.support.ui import WebDriverWait
 
     config = ServeConfig(host="127.0.0.1", port=0, quiet=True, model_name="tiny-lstm")
-    with Running(sampler, config) as srv:
+    with ServerThread(sampler, config) as srv:
         browser.get(srv.url + "/")
         wait = WebDriverWait(browser, WAIT)
         wait.until(lambda d: "tiny-lstm" in d.find_element(By.ID, "model").text)  # /health read: the settings show

@@ -18,10 +18,10 @@ import pytest
 from conftest import PYTHON
 
 import charrnn
-from charrnn.serve.app import Running
-from charrnn.serve.protocol import chat_pieces
+from charrnn.serve.jobs import chat_pieces
 from charrnn.serve.settings import ServeConfig
 from charrnn.serve.state_cache import StateCache, piece_keys
+from charrnn.serve.testing import ServerThread
 
 HOST = "127.0.0.1"  # the only address these tests ever bind
 MAX_LENGTH = 300
@@ -34,7 +34,7 @@ LIMITS = dict(host=HOST, port=0, max_length=MAX_LENGTH, max_body_bytes=MAX_BODY,
 @pytest.fixture
 def server(sampler):
     """A server on an ephemeral loopback port, stopped after the test."""
-    with Running(sampler, ServeConfig(**LIMITS, request_timeout=DEADLINE, model_name="tiny")) as running:
+    with ServerThread(sampler, ServeConfig(**LIMITS, request_timeout=DEADLINE, model_name="tiny")) as running:
         yield running
 
 
@@ -202,7 +202,7 @@ def test_a_cached_conversation_replies_as_an_uncached_one(sampler):
     """Replayed turn by turn on a cached and an uncached server: the same replies; the cached one reads only the new text."""
     replies = {}
     for entries in (1024, 0):
-        with Running(sampler, ServeConfig(**LIMITS, cache_entries=entries)) as srv:
+        with ServerThread(sampler, ServeConfig(**LIMITS, cache_entries=entries)) as srv:
             sdk, messages, cached = client(srv), [], []
             for turn, text in enumerate(["the cat sat.", "the dog ran.", "the king said.", "a bird flew."]):
                 messages.append({"role": "user", "content": text})
@@ -270,7 +270,12 @@ def test_the_state_cache_is_bounded_by_count_and_bytes(sampler):
             "[0, 300]",
         ),
         ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "max_tokens": 2.5}', "max_tokens", "integer"),
-        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "seed": -1}', "seed", "seed must be in"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "a"}], "seed": -1}',
+            "seed",
+            "seed must be an integer from 0",
+        ),
         ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "n": 9}', "n", "n must be in [1, 4]"),
         ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "stream": "yes"}', "stream", "true or false"),
         ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "stop": [""]}', "stop", "non-empty strings"),
@@ -367,7 +372,7 @@ def test_an_unexpected_exception_is_a_500_in_json_and_one_log_line(server, caplo
 
 
 def test_an_api_key_is_required_when_given(sampler):
-    with Running(sampler, ServeConfig(**LIMITS, api_key="s3cret", cors_origin=("http://localhost:3000",))) as srv:
+    with ServerThread(sampler, ServeConfig(**LIMITS, api_key="s3cret", cors_origin=("http://localhost:3000",))) as srv:
         with pytest.raises(openai.AuthenticationError):
             client(srv, api_key="wrong").models.list()
         error = error_of(request(srv, "GET", "/v1/models"), 401)
@@ -384,7 +389,7 @@ def test_an_api_key_is_required_when_given(sampler):
 def test_a_full_queue_gets_429_then_503(sampler):
     """One slot, one waiting place: the third request at once is refused at once, the waiting one after the queue timeout."""
     config = ServeConfig(**{**LIMITS, "max_concurrent": 1}, max_queue=1, queue_timeout=1.0)
-    with Running(sampler, config) as srv:
+    with ServerThread(sampler, config) as srv:
         gate, reading = threading.Event(), threading.Event()
         real = srv.server.context_for
 
@@ -399,7 +404,7 @@ def test_a_full_queue_gets_429_then_503(sampler):
             assert reading.wait(TIMEOUT)
             waiting = pool.submit(request, srv, "POST", "/v1/chat/completions", chat_body(max_tokens=5))
             deadline = time.monotonic() + TIMEOUT
-            while srv.server.busy.waiting == 0 and time.monotonic() < deadline:
+            while srv.server.slots.waiting == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert (
                 error_of(request(srv, "POST", "/v1/chat/completions", chat_body(max_tokens=5)), 429)["type"] == "rate_limit_error"
@@ -423,7 +428,7 @@ def read_all(sock) -> bytes:
 def test_a_megabyte_of_escaped_quotes_is_refused_while_health_answers(sampler):
     """Once the nesting scan was quadratic and ran on the event loop: this body held every client for half an hour."""
     body = b'{"model": "tiny", "prompt": "' + b'\\"' * (2**19 - 32)
-    with Running(sampler, ServeConfig(**{**LIMITS, "max_body_bytes": 2**20}, request_timeout=TIMEOUT)) as srv:
+    with ServerThread(sampler, ServeConfig(**{**LIMITS, "max_body_bytes": 2**20}, request_timeout=TIMEOUT)) as srv:
         with ThreadPoolExecutor(1) as pool:
             hostile = pool.submit(request, srv, "POST", "/v1/completions", body, {"Content-Type": "application/json"})
             status, _, health = request(srv, "GET", "/health")
@@ -537,16 +542,16 @@ def test_a_client_leaving_mid_stream_stops_its_generation(sampler, monkeypatch):
         return Slow(real(*args, **kwargs))
 
     monkeypatch.setattr(sampler, "continue_from", slow)
-    with Running(sampler, ServeConfig(**{**LIMITS, "max_length": 2000}, request_timeout=TIMEOUT)) as srv:
+    with ServerThread(sampler, ServeConfig(**{**LIMITS, "max_length": 2000}, request_timeout=TIMEOUT)) as srv:
         conn = http.client.HTTPConnection(HOST, srv.port, timeout=TIMEOUT)
         conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "a", "max_tokens": 2000, "stream": True, "seed": 1}))
         response = conn.getresponse()
         assert response.status == 200 and response.read(6) == b"data: "
         conn.close()  # gone after one event
         deadline = time.monotonic() + TIMEOUT
-        while srv.server.busy.running and time.monotonic() < deadline:
+        while srv.server.slots.running and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert srv.server.busy.running == 0
+        assert srv.server.slots.running == 0
         assert len(drawn) < 1000  # 2,000 would take 10 s: it stopped when the client left
         assert_answers(srv)
 

@@ -17,6 +17,7 @@ from .options import (
     add_runtime_options,
     add_template_options,
     chosen_checkpoint,
+    fields_as_flags,
     new_parser,
     pick,
     run_cli,
@@ -42,12 +43,25 @@ def build_parser(prog: str = "charrnn-serve") -> argparse.ArgumentParser:
     return parser
 
 
+def _serve_config(values: dict[str, Any]) -> ServeConfig:
+    """The ServeConfig of the parsed flags; its errors name the flags (``--max-length``), not the fields."""
+    try:
+        with fields_as_flags(ServeConfig):
+            return pick(ServeConfig, values)
+    except ConfigError as exc:
+        # --cors-origin is added here by hand (it repeats), so fields_as_flags does not know it as a flag.
+        message = str(exc)
+        if message.startswith("cors_origin "):
+            raise ConfigError("--cors-origin" + message.removeprefix("cors_origin")) from None
+        raise
+
+
 def run(argv: list[str], prog: str = "charrnn-serve") -> int:
     args = build_parser(prog).parse_args(argv)
     values = vars(args)
     values["cors_origin"] = tuple(args.cors_origin)
     values["api_key"] = args.api_key if args.api_key is not None else os.environ.get("CHARRNN_API_KEY") or None
-    config = pick(ServeConfig, values)  # checked before the model loads
+    config = _serve_config(values)  # checked before the model loads
     template = template_from(args)
     try:
         from ..serve import app
@@ -55,7 +69,7 @@ def run(argv: list[str], prog: str = "charrnn-serve") -> int:
         raise ConfigError(f"charrnn serve needs the serve extra ({exc.name} is missing): pip install 'charrnn[serve]'") from None
     checkpoint = chosen_checkpoint(args)
     if config.model_name is None:
-        config = pick(ServeConfig, {**values, "model_name": app.model_id_for(checkpoint)})
+        config = _serve_config({**values, "model_name": app.model_id_for(checkpoint)})
     sampler = load(checkpoint, device=args.device, dtype=args.precision)
     server = app.Server(sampler, config, template)
     try:

@@ -1,4 +1,4 @@
-"""Chat: a conversation held in one hidden state, and the terminal chat loop.
+"""Chat: a conversation held in one hidden state, and the template that writes its turns.
 
 A char-RNN has no notion of turns; it only continues text. A :class:`ChatTemplate`
 writes each turn the way the training corpus writes dialogue (by default a play
@@ -39,6 +39,7 @@ from .processors import new_generator
 from .stepper import Context
 
 if TYPE_CHECKING:
+    from ..tokenizer import CharTokenizer
     from .sampler import Sampler
 
 SESSION_FORMAT = "charrnn-chat-session"
@@ -86,6 +87,20 @@ class ChatTemplate:
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
+
+    def check_vocabulary(self, tokenizer: "CharTokenizer") -> None:
+        """ConfigError if the prefixes or the separator hold characters the model never saw.
+
+        Checked once, where a template meets a model (a chat session, the server): an
+        unknown character would be read as ``<unk>`` in every turn, so the model would
+        never see the turns the template means to write.
+        """
+        unknown = tokenizer.unknown_chars("".join(self.to_dict().values()))
+        if unknown:
+            raise ConfigError(
+                f"the chat template uses characters the model never saw ({''.join(unknown)!r}): "
+                "write its prefixes and separator with characters of the training corpus"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ChatTemplate":
@@ -176,12 +191,7 @@ class ChatSession:
         if template is not None:
             if options.get("stop") is None:  # the reply ends where the model begins a new turn
                 options["stop"] = template.stops
-            unknown = sampler.tokenizer.unknown_chars("".join(template.to_dict().values()))
-            if unknown:
-                raise ConfigError(
-                    f"the chat template uses characters the model never saw ({''.join(unknown)!r}): "
-                    "write its prefixes and separator with characters of the training corpus"
-                )
+            template.check_vocabulary(sampler.tokenizer)
         self.config = self._merged(options)
         # The context right after the preamble, where reset() returns to (None: nothing read).
         self._start: Context | None = sampler.read(preamble) if preamble else None

@@ -1,8 +1,10 @@
 """The server's settings: one typed, validated dataclass (no third-party imports).
 
-Kept apart from ``server`` so that ``charrnn serve --help`` and a setting's check work
-without the ``serve`` extra (Starlette, uvicorn) installed. Each field's ``help`` is the
-command-line help of its flag (``--kebab-case``).
+Kept apart from ``charrnn.serve.app`` so that ``charrnn serve --help`` and a setting's
+check work without the ``serve`` extra (Starlette, uvicorn, pydantic) installed. Each
+field's ``help`` is the command-line help of its flag (``--kebab-case``). Errors name
+fields (``max_length``), as a library caller writes them; ``charrnn serve`` reports them
+as its flags (``--max-length``).
 """
 
 from __future__ import annotations
@@ -57,35 +59,36 @@ class ServeConfig:
         if self.default_length is None:  # the sampling default, within this server's limit
             object.__setattr__(self, "default_length", min(SAMPLE_DEFAULTS.length, self.max_length))
         checks = (
-            (0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}"),
-            (self.max_length >= 1, f"--max-length must be at least 1, got {self.max_length}"),
+            (0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}"),
+            (self.max_length >= 1, f"max_length must be at least 1, got {self.max_length}"),
             (
                 0 <= self.default_length <= self.max_length,
-                f"--default-length {self.default_length} must be in [0, --max-length {self.max_length}]",
+                f"default_length {self.default_length} must be in [0, max_length {self.max_length}]",
             ),
-            (self.max_n >= 1, f"--max-n must be at least 1, got {self.max_n}"),
-            (self.max_body_bytes >= 1024, f"--max-body-bytes must be at least 1024, got {self.max_body_bytes}"),
-            (self.max_concurrent >= 1, f"--max-concurrent must be at least 1, got {self.max_concurrent}"),
-            (self.max_queue >= 0, f"--max-queue must be >= 0, got {self.max_queue}"),
+            (self.max_n >= 1, f"max_n must be at least 1, got {self.max_n}"),
+            (self.max_body_bytes >= 1024, f"max_body_bytes must be at least 1024, got {self.max_body_bytes}"),
+            (self.max_concurrent >= 1, f"max_concurrent must be at least 1, got {self.max_concurrent}"),
+            (self.max_queue >= 0, f"max_queue must be >= 0, got {self.max_queue}"),
             (
                 math.isfinite(self.queue_timeout) and self.queue_timeout > 0,
-                f"--queue-timeout must be a positive number of seconds, got {self.queue_timeout}",
+                f"queue_timeout must be a positive number of seconds, got {self.queue_timeout}",
             ),
             (
                 math.isfinite(self.request_timeout) and self.request_timeout > 0,
-                f"--request-timeout must be a positive number of seconds, got {self.request_timeout}",
+                f"request_timeout must be a positive number of seconds, got {self.request_timeout}",
             ),
-            (self.cache_entries >= 0, f"--cache-entries must be >= 0 (0: no cache), got {self.cache_entries}"),
-            (self.cache_bytes >= 0, f"--cache-bytes must be >= 0, got {self.cache_bytes}"),
-            (self.backlog >= 1, f"--backlog must be at least 1, got {self.backlog}"),
-            (self.api_key is None or self.api_key.strip() != "", "--api-key must not be empty: give a key or leave it out"),
+            (self.cache_entries >= 0, f"cache_entries must be >= 0 (0: no cache), got {self.cache_entries}"),
+            (self.cache_bytes >= 0, f"cache_bytes must be >= 0, got {self.cache_bytes}"),
+            (self.backlog >= 1, f"backlog must be at least 1, got {self.backlog}"),
+            (self.api_key is None or self.api_key.strip() != "", "api_key must not be empty: give a key or leave it out"),
         )
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         if not isinstance(self.cors_origin, tuple) or not all(isinstance(o, str) and o for o in self.cors_origin):
-            raise ConfigError("--cors-origin must be an origin such as http://localhost:3000, or *")
+            raise ConfigError("cors_origin must be an origin such as http://localhost:3000, or *")
 
     @property
     def loopback(self) -> bool:
+        """Whether only this machine can reach the server."""
         return self.host in ("127.0.0.1", "localhost", "::1")

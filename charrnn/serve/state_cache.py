@@ -96,6 +96,7 @@ class StateCache:
                 self.bytes -= dropped
 
     def stats(self) -> dict[str, int]:
+        """Entries, bytes, their bounds, hits and misses (for /health)."""
         with self._lock:
             return {
                 "entries": len(self._items),
