@@ -5,7 +5,7 @@
     print(sampler.generate("ROMEO:", length=200, temperature=0.8, seed=1))
 
 This module is the public API and defines nothing itself; the layers below it are
-described in the README ("How it is built").
+described in docs/architecture.md.
 """
 
 from ._version import __version__

@@ -71,6 +71,10 @@ def _check_types(config: Any) -> None:
             raise ConfigError(f"{name} must be {wanted}, got {value!r}")
 
 
+# The dropout rates of a model, each in [0, 1): `dropout` first, then the ones added with weight drop.
+REGULARISATION = ("dropout", "input_dropout", "embedding_dropout", "weight_drop")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shape of a CharRNN. Changing any of these makes a different model."""
@@ -87,7 +91,31 @@ class ModelConfig:
     dropout: float | None = field(
         default=None,
         metadata=field_help(
-            "dropout between layers and before the output head, in [0, 1) (auto: 0 for a run that reads the corpus up to four times, more beyond)",
+            "dropout between layers and before the output head, the same mask through a sequence, in [0, 1) "
+            "(auto: 0 for a run that reads the corpus up to four times, more beyond)",
+            auto=True,
+        ),
+    )
+    # The regularisation of a corpus read many times (AWD-LSTM); training only, sampling never sees it.
+    input_dropout: float | None = field(
+        default=None,
+        metadata=field_help(
+            "dropout on the embedded input, the same mask through a sequence, in [0, 1) (auto: chosen with --weight-drop)",
+            auto=True,
+        ),
+    )
+    embedding_dropout: float | None = field(
+        default=None,
+        metadata=field_help(
+            "the share of characters whose embedding is zeroed for a whole step, in [0, 1) (auto: chosen with --weight-drop)",
+            auto=True,
+        ),
+    )
+    weight_drop: float | None = field(
+        default=None,
+        metadata=field_help(
+            "dropout on the recurrent (hidden-to-hidden) weights, one mask a step, in [0, 1) (auto: for a model larger "
+            "than its corpus supports, read many times)",
             auto=True,
         ),
     )
@@ -99,17 +127,20 @@ class ModelConfig:
         _check(self.n_layers is None or self.n_layers >= 1, f"n_layers must be at least 1, got {self.n_layers}")
         _check(self.hidden_size is None or self.hidden_size >= 1, f"hidden_size must be at least 1, got {self.hidden_size}")
         _check(self.embedding_size >= 1, f"embedding_size must be at least 1, got {self.embedding_size}")
-        _check(
-            self.dropout is None or (0.0 <= self.dropout < 1.0 and math.isfinite(self.dropout)),
-            f"dropout must be in [0, 1), got {self.dropout}",
-        )
+        for name in REGULARISATION:
+            value = getattr(self, name)
+            _check(value is None or (0.0 <= value < 1.0 and math.isfinite(value)), f"{name} must be in [0, 1), got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
     def unresolved(self) -> list[str]:
-        """Settings still at auto (None): a model can be built once the budget has chosen them."""
+        """Settings still at auto (None): a model can be built once the budget has chosen them.
+
+        The rates added with weight drop are not among them: a model built with them at auto
+        trains without them (the budget chooses them only for a run it plans).
+        """
         return [name for name in ("n_layers", "hidden_size", "dropout") if getattr(self, name) is None]
 
     @classmethod
@@ -117,7 +148,8 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         _check(not unknown, f"unknown model settings {sorted(unknown)}")
-        return cls(**values)
+        # A checkpoint saved before a regularisation setting existed trained without it.
+        return cls(**{**{name: 0.0 for name in REGULARISATION[1:]}, **values})
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""CharRNN: embedding -> stacked RNN/LSTM/GRU -> dropout -> linear head.
+"""CharRNN: embedding -> stacked RNN/LSTM/GRU -> linear head, with the dropouts of AWD-LSTM while training.
 
 Shapes: B = batch, T = time, V = vocabulary, H = hidden size, L = layers.
 The recurrent stack is torch's fused ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (cuDNN on
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import CELLS as CELL_NAMES
@@ -170,13 +171,13 @@ class CharRNN(nn.Module):
             config.embedding_size,
             config.hidden_size,
             num_layers=config.n_layers,
-            # torch applies this dropout between layers only; the head dropout is ours.
+            # torch applies this dropout between layers only; the input and head dropout are ours.
             dropout=config.dropout if config.n_layers > 1 else 0.0,
             batch_first=True,
             **cell.options,
         )
-        self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        self._recurrent_weights = [f"weight_hh_l{layer}" for layer in range(config.n_layers)]
 
     def init_hidden(self, batch_size: int, device: torch.device | str | None = None) -> State:
         """The zero state for ``batch_size`` streams (h, and c for an LSTM: each (L, B, H))."""
@@ -186,10 +187,34 @@ class CharRNN(nn.Module):
 
     def forward(self, idx: torch.Tensor, hidden: State | None = None) -> tuple[torch.Tensor, State]:
         """idx (B, T) int64 -> logits (B, T, V) and the :class:`State` after the last step (None: zeros)."""
-        x = self.embedding(idx)  # (B, T, E)
+        cfg, training = self.config, self.training
+        weight = self.embedding.weight
+        if training and cfg.embedding_dropout:  # a dropped character reads as zeros wherever it occurs
+            keep = weight.new_empty(weight.size(0), 1).bernoulli_(1 - cfg.embedding_dropout)
+            weight = weight * keep / (1 - cfg.embedding_dropout)
+        x = locked_dropout(F.embedding(idx, weight), cfg.input_dropout, training)  # (B, T, E)
         # The one place torch's own form of the state is met: (h, c) for nn.LSTM, h otherwise.
-        out, hidden = self.rnn(x, None if hidden is None else State.from_torch(hidden).as_torch())  # (B, T, H)
-        return self.head(self.dropout(out)), State.from_torch(hidden)
+        start = None if hidden is None else State.from_torch(hidden).as_torch()
+        if training and cfg.weight_drop:
+            # DropConnect on the recurrent matrices (AWD-LSTM): one mask for every step of this batch,
+            # so the fused kernel still runs the whole sequence.
+            dropped = {name: F.dropout(getattr(self.rnn, name), cfg.weight_drop) for name in self._recurrent_weights}
+            out, hidden = torch.func.functional_call(self.rnn, dropped, (x, start), strict=False)
+        else:
+            out, hidden = self.rnn(x, start)  # (B, T, H)
+        return self.head(locked_dropout(out, cfg.dropout, training)), State.from_torch(hidden)
+
+
+def locked_dropout(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Variational dropout of x (B, T, F): one mask per stream and feature, the same at every step.
+
+    A mask that changes every step disturbs what the recurrence carries from step to step;
+    one held through the sequence regularises without that noise (Gal & Ghahramani; AWD-LSTM).
+    """
+    if not training or not rate:
+        return x
+    mask = x.new_empty(x.size(0), 1, x.size(2)).bernoulli_(1 - rate)
+    return x * mask / (1 - rate)
 
 
 def count_parameters(model: nn.Module) -> int:

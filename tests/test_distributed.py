@@ -16,7 +16,21 @@ from safetensors.torch import load_file
 import charrnn
 
 # Dropout off, so that two processes and one draw no different masks.
-FLAGS = [*TINY_TRAIN_FLAGS, "--dropout", "0", "--eval-interval", "10", "--lr-decay-iters", "30"]
+FLAGS = [
+    *TINY_TRAIN_FLAGS,
+    "--dropout",
+    "0",
+    "--input-dropout",
+    "0",
+    "--embedding-dropout",
+    "0",
+    "--weight-drop",
+    "0",
+    "--eval-interval",
+    "10",
+    "--lr-decay-iters",
+    "30",
+]
 
 
 def torchrun(*args):
@@ -232,7 +246,7 @@ def _free_port() -> int:
 
 
 def test_two_nodes_of_one_process_train_like_one_node_of_two(ddp_runs, small_corpus_file, subprocess_env, tmp_path):
-    """The README's two-machine command, both "machines" on this one: the same losses as
+    """The two-machine command of docs/big-corpora.md, both "machines" on this one: the same losses as
     --nproc_per_node 2 (and the same weights: the same arithmetic in the same order)."""
     root, _ = ddp_runs
     rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "two-nodes"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from charrnn import CharRNN, ConfigError, Context, ModelConfig, State
 from charrnn.config import CELLS
 from charrnn.generation.stepper import Stepper
-from charrnn.model import CELL_TABLE
+from charrnn.model import CELL_TABLE, locked_dropout
 
 V, B, T, H, L = 13, 3, 11, 16, 2
 
@@ -146,3 +148,23 @@ def test_model_config_dict_round_trip_and_unknown_keys():
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match=r"unknown model settings \['heads'\]"):
         ModelConfig.from_dict({**config.to_dict(), "heads": 4})
+
+
+def test_awd_regularisation_acts_in_training_only_and_holds_its_mask_through_a_sequence():
+    plain = _model("lstm", n_layers=2)
+    config = replace(plain.config, dropout=0.5, input_dropout=0.3, embedding_dropout=0.2, weight_drop=0.5)
+    regularised = CharRNN(config)
+    regularised.load_state_dict(plain.state_dict())
+    idx = torch.randint(V, (3, 12), generator=torch.Generator().manual_seed(0))
+    plain.eval(), regularised.eval()
+    assert torch.equal(plain(idx)[0], regularised(idx)[0])  # sampling and evaluation never see it
+    regularised.train()
+    torch.manual_seed(1)
+    first = regularised(idx)[0]
+    assert not torch.allclose(first, plain(idx)[0])
+    first.sum().backward()  # weight drop keeps the gradient path to the recurrent weights
+    assert regularised.rnn.weight_hh_l0.grad is not None and regularised.rnn.weight_hh_l0.grad.abs().sum() > 0
+    # Locked dropout: a feature dropped for a stream is dropped at every step of it.
+    x = torch.ones(4, 50, 6)
+    out = locked_dropout(x, 0.5, training=True)
+    assert torch.equal(out, out[:, :1].expand_as(out)) and (out == 0).any()

@@ -1,4 +1,4 @@
-"""The compiled kernel (charrnn/csrc/step.cpp) against the model's own forward pass and
+"""The compiled kernel (charrnn/generation/csrc/step.cpp) against the model's own forward pass and
 against the torch path's sampling rule."""
 
 from __future__ import annotations

@@ -127,8 +127,65 @@ def test_a_given_min_lr_above_the_chosen_lr_is_refused():
 
 
 def test_a_time_budget_with_everything_given_neither_probes_nor_guesses_steps():
-    model = ModelConfig(vocab_size=65, hidden_size=64, n_layers=1, dropout=0.0)
+    model = ModelConfig(
+        vocab_size=65, hidden_size=64, n_layers=1, dropout=0.0, input_dropout=0.0, embedding_dropout=0.0, weight_drop=0.0
+    )
     config = TrainConfig(data="x", max_time=60.0, batch_size=8, seq_len=16, lr=1e-3, min_lr=1e-4, warmup_iters=5, eval_interval=7)
     plan = plan_run(config, model, 1_000_000, CPU, torch.float32)
     assert plan.probe_seconds == 0 and plan.config == config and plan.model == model
     assert "given for 60 s on a 1.0M-char corpus: steps of 8x16, lr 0.001" in plan.reason
+
+
+def test_a_small_corpus_read_many_times_gets_a_larger_model_with_weight_drop():
+    # 135k training characters and a budget that reads them hundreds of times: data, not
+    # compute, limits the run, so it takes a model above 4 weights per character, regularised.
+    model = ModelConfig(vocab_size=96)
+    corpus = 135_000
+    compute_only = choose_size(lambda h, n: 3 * 10**6, model, corpus)  # about 22 epochs: the compute rule
+    data_limited = choose_size(lambda h, n: 10**8, model, corpus)
+    weights = step_weights(*data_limited, 64, 96)
+    assert step_weights(*compute_only, 64, 96) <= sizing.MAX_WEIGHTS_PER_CHAR * corpus
+    assert sizing.MAX_WEIGHTS_PER_CHAR * corpus < weights <= sizing.REGULARISED_WEIGHTS_PER_CHAR * corpus
+    plan = plan_run(
+        step_budget(10**8 // 2048),
+        replace(model, hidden_size=data_limited[0], n_layers=data_limited[1]),
+        corpus,
+        CPU,
+        torch.float32,
+    )
+    assert {name: getattr(plan.model, name) for name in sizing.AWD_RATES} == sizing.AWD_RATES
+    assert "weight drop 0.4" in plan.reason
+
+
+def test_a_user_fixed_large_model_on_a_small_corpus_is_regularised_and_the_users_rates_stay():
+    model = ModelConfig(vocab_size=96, hidden_size=512, n_layers=2, dropout=0.25)
+    plan = plan_run(step_budget(1000), model, 135_000, CPU, torch.float32)  # about 15 epochs
+    assert plan.model.dropout == 0.25  # given: it stays
+    assert plan.model.weight_drop == sizing.AWD_RATES["weight_drop"]
+    assert plan.model.embedding_dropout == sizing.AWD_RATES["embedding_dropout"]
+    small = plan_run(step_budget(1000), replace(model, hidden_size=128, n_layers=1, dropout=None), 10**7, CPU, torch.float32)
+    assert small.model.weight_drop == 0.0 and small.model.input_dropout == 0.0  # a model its corpus supports
+
+
+def test_a_time_budget_that_would_reread_a_small_corpus_ends_after_its_epoch_cap(monkeypatch):
+    monkeypatch.setattr(sizing, "measure_speed", lambda *args, **kwargs: 50_000.0)
+    config = TrainConfig(data="x", max_time=3600.0, max_iters=0)
+    plan = plan_run(config, ModelConfig(vocab_size=96), 135_000, CPU, torch.float32)
+    cap = sizing.REGULARISED_MAX_EPOCHS if plan.model.weight_drop else sizing.MAX_EPOCHS
+    assert plan.config.max_iters == cap * 135_000 // (32 * 64)
+    assert f"the corpus read {cap} times" in plan.reason
+    assert plan.config.eval_interval <= 135_000 // (32 * 64) + 1  # at least one evaluation an epoch
+
+
+def test_auto_precision_trains_in_float32_where_the_probe_measured_bfloat16_slower(monkeypatch):
+    speeds = {torch.float32: 40_000.0, torch.bfloat16: 30_000.0}
+    monkeypatch.setattr(sizing, "measure_speed", lambda model, batch, seq, device, dtype, *rest: speeds[dtype])
+    config = TrainConfig(data="x", max_time=60.0, max_iters=0, dtype="auto")
+    plan = plan_run(config, ModelConfig(vocab_size=65), 10**6, CPU, torch.bfloat16)
+    assert plan.dtype == torch.float32 and plan.chars_per_second == 40_000.0
+    assert "in float32 (measured faster here than bfloat16: 40.0k chars/s against 30.0k chars/s)" in plan.reason
+    speeds[torch.bfloat16] = 60_000.0
+    plan = plan_run(config, ModelConfig(vocab_size=65), 10**6, CPU, torch.bfloat16)
+    assert plan.dtype == torch.bfloat16 and "in bfloat16 (measured faster here than float32" in plan.reason
+    given = plan_run(replace(config, dtype="bfloat16"), ModelConfig(vocab_size=65), 10**6, CPU, torch.bfloat16)
+    assert given.dtype == torch.bfloat16  # a precision the user chose is kept, unmeasured

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import signal
 from types import SimpleNamespace
 
@@ -194,3 +195,20 @@ def test_the_signal_handler_only_records_and_the_console_callback_says_it(capsys
         assert capsys.readouterr().err == f"\nSIGTERM: stopping after this step and saving a checkpoint{also}...\n"
     report.on_signal(SimpleNamespace(dist=SimpleNamespace(elastic=False)), signal.SIGINT, True)
     assert capsys.readouterr().err == "\nSIGINT again: ignored, so that the checkpoint save completes\n"
+
+
+def test_patience_ends_a_memorising_run_and_says_what_would_help(tmp_path):
+    # Random characters: the validation part has nothing to learn beyond their frequencies,
+    # so once a wide model with a large step starts memorising the training part, val rises.
+    rng = random.Random(0)
+    corpus = tmp_path / "noise.txt"
+    corpus.write_text("".join(rng.choice("abcdefghij") for _ in range(4000)), encoding="utf-8")
+    result = train(
+        tiny_train_config(corpus, tmp_path / "run", max_iters=2000, eval_interval=5, patience=3, lr=2e-2, min_lr=2e-2),
+        tiny_model_config(hidden_size=128),
+        callbacks=[],
+    )
+    assert result.step < 2000
+    assert result.stop_reason.startswith("no improvement in 3 evaluations (--patience)")
+    assert "more time would not help" in result.stop_reason and "--weight-drop" in result.stop_reason
+    assert (result.best / "config.json").is_file()

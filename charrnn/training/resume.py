@@ -19,7 +19,7 @@ import torch
 
 from .._io import read_json
 from ..checkpoint import Checkpoint, resolve_checkpoint
-from ..config import ModelConfig, TrainConfig
+from ..config import REGULARISATION, ModelConfig, TrainConfig
 from ..data.streams import StreamPosition
 from ..errors import CheckpointError, ConfigError
 from ..model import CELL_TABLE, State
@@ -84,7 +84,7 @@ def merge_resume_config(
 
 
 def fine_tune_model_config(model_config: ModelConfig, base: Checkpoint, explicit: set[str]) -> ModelConfig:
-    """The model of a run fine-tuned from ``base``: its shape, with the dropout the user chose (or auto).
+    """The model of a run fine-tuned from ``base``: its shape, with the dropout rates the user chose (or auto).
 
     A shape flag the user set to another value than the checkpoint's is a ``ConfigError``:
     the trained weights would not fit it.
@@ -97,7 +97,7 @@ def fine_tune_model_config(model_config: ModelConfig, base: Checkpoint, explicit
                 f"--{name.replace('_', '-')} {value} contradicts --init-from {base.path}, whose model has "
                 f"{getattr(saved, name)}: a fine-tuned run keeps the trained model's shape; drop the flag"
             )
-    return replace(saved, dropout=model_config.dropout)
+    return replace(saved, **{name: getattr(model_config, name) for name in REGULARISATION})
 
 
 def warn(text: str) -> None:

@@ -21,10 +21,19 @@ from a measured scaling study (``benchmarks/budget.py``, written up in
   of 2% of the planned steps, a cosine decay to a tenth over the budget, and dropout
   only when the run reads the corpus more than four times, rising with the number of
   times it does.
-- **Small corpora.** A time budget that would read the corpus more than ``MAX_EPOCHS``
-  times plans that many epochs and ends there: more would only memorise the corpus, so a
-  longer budget never trains a worse model. Evaluations come at least eight times a run,
-  after every epoch, and at least every ``EVAL_SECONDS`` of training.
+- **Small corpora** (data, not compute, limits the run). Where the size above would
+  read the corpus more than ``MAX_EPOCHS`` times, the largest candidate that still reads
+  it ``MAX_EPOCHS`` times, up to ``REGULARISED_WEIGHTS_PER_CHAR`` weights per character,
+  takes its place. A model larger than its corpus supports (more than
+  ``MAX_WEIGHTS_PER_CHAR``), auto or given, trains with the regularisation of AWD-LSTM
+  (``AWD_RATES``: weight drop on the recurrent matrices, variational dropout on input
+  and output, embedding dropout). A time budget that would read the corpus more than
+  ``MAX_EPOCHS`` times (``REGULARISED_MAX_EPOCHS`` under weight drop) plans that many
+  epochs and ends there: more would only memorise it, so a longer budget never trains a
+  worse model. Evaluations come at least eight times a run, after every epoch, and at
+  least every ``EVAL_SECONDS`` of training.
+- **Precision.** ``--dtype auto`` trains in bfloat16 only where the probe measured it
+  faster than float32 for the chosen size.
 
 A setting the user gives always wins; the others are chosen around it.
 """
@@ -40,7 +49,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig, TrainConfig
+from ..config import REGULARISATION, ModelConfig, TrainConfig
 from ..device import autocast
 from ..errors import ConfigError
 from ..model import CELL_TABLE, CharRNN
@@ -67,6 +76,11 @@ EVALUATIONS = 8  # full-split evaluations a run makes at least; the last one com
 # 135k-char training text was best after 15-17 epochs, whether its schedule planned 20 or 60
 # (1.0784 / 1.0858), and 60 planned epochs ended at 1.23 (docs/scaling.md, fifth session).
 MAX_EPOCHS = 24
+# Under weight drop a 2x256 on the same text was still improving at 33 epochs (1.0428, best of all).
+REGULARISED_MAX_EPOCHS = 40
+REGULARISED_WEIGHTS_PER_CHAR = 8.0  # the largest model a data-limited run may choose
+# The rates of the data-limited regime, as the study measured them on a 2x256 (docs/scaling.md).
+AWD_RATES = {"dropout": 0.4, "input_dropout": 0.2, "embedding_dropout": 0.1, "weight_drop": 0.4}
 EVAL_SECONDS = 120.0  # between two evaluations at most, where the probe measured the speed
 FALLBACK_EVAL_INTERVAL = 250  # when nothing measured the steps a time budget buys
 PROBE_SECONDS = 0.6  # per probed size; at most two sizes are probed
@@ -83,6 +97,7 @@ class Plan:
     probe_seconds: float  # spent measuring this machine; counted in the time budget
     chars_per_second: float | None  # the probe's measure of the chosen size (None: no probe)
     reason: str  # one line for the start of the run, e.g. "lstm 2x256 chosen for 300 s at ..."
+    dtype: torch.dtype  # the precision the run trains in
 
 
 def step_weights(hidden: int, layers: int, embedding: int, vocab: int, cell: str = "lstm") -> int:
@@ -193,17 +208,50 @@ def choose_size(budget_chars: Callable[[int, int], float], model: ModelConfig, c
 
     ``budget_chars(hidden, layers)`` is how many characters that size trains on in the
     budget. A size or layer count the user fixed narrows the candidates to those with it.
+    Where that size would read the corpus more than ``MAX_EPOCHS`` times, data rather than
+    compute limits the run: the largest candidate that still reads it ``MAX_EPOCHS``
+    times, up to ``REGULARISED_WEIGHTS_PER_CHAR`` weights per character, is chosen.
     """
     options = [(h, n) for h, n in CANDIDATES if model.hidden_size in (None, h) and model.n_layers in (None, n)]
     if not options:  # the user fixed one of the two to a value no candidate has
         options = [(model.hidden_size or h, model.n_layers or n) for h, n in CANDIDATES]
-        options = sorted(set(options), key=lambda o: step_weights(*o, model.embedding_size, model.vocab_size, model.cell))
-    chosen = options[0]
-    for h, n in options:
-        weights = step_weights(h, n, model.embedding_size, model.vocab_size, model.cell)
-        if budget_chars(h, n) >= CHARS_PER_WEIGHT * weights and weights <= MAX_WEIGHTS_PER_CHAR * corpus_chars:
-            chosen = (h, n)
+
+    def weights(option: tuple[int, int]) -> int:
+        return step_weights(*option, model.embedding_size, model.vocab_size, model.cell)
+
+    options.sort(key=weights)
+    fits = [
+        o
+        for o in options
+        if budget_chars(*o) >= CHARS_PER_WEIGHT * weights(o) and weights(o) <= MAX_WEIGHTS_PER_CHAR * corpus_chars
+    ]
+    chosen = fits[-1] if fits else options[0]
+    if budget_chars(*chosen) > MAX_EPOCHS * corpus_chars:
+        larger = [
+            o
+            for o in options
+            if budget_chars(*o) >= MAX_EPOCHS * corpus_chars and weights(o) <= REGULARISED_WEIGHTS_PER_CHAR * corpus_chars
+        ]
+        chosen = max([chosen, *larger], key=weights)
     return chosen
+
+
+def regularisation_for(weights: int, corpus_chars: int, epochs: float) -> dict[str, float]:
+    """The dropout rates of a model with ``weights`` step weights reading its corpus ``epochs`` times.
+
+    A model larger than its corpus supports (``MAX_WEIGHTS_PER_CHAR``) that rereads it
+    takes AWD-LSTM's regularisation; any other only the dropout of :func:`dropout_for`.
+    """
+    if weights > MAX_WEIGHTS_PER_CHAR * corpus_chars and epochs > DROPOUT_FROM_EPOCHS:
+        return dict(AWD_RATES)
+    return {name: dropout_for(epochs) if name == "dropout" else 0.0 for name in REGULARISATION}
+
+
+def _with_regularisation(model: ModelConfig, corpus_chars: int, epochs: float) -> ModelConfig:
+    """``model`` with every dropout rate left at auto chosen; the user's own stay."""
+    weights = step_weights(model.hidden_size, model.n_layers, model.embedding_size, model.vocab_size, model.cell)
+    rates = regularisation_for(weights, corpus_chars, epochs)
+    return replace(model, **{name: rate for name, rate in rates.items() if getattr(model, name) is None})
 
 
 def eval_interval(steps: int, corpus_chars: int, chars_per_step: int, speed: float | None) -> int:
@@ -217,6 +265,10 @@ def eval_interval(steps: int, corpus_chars: int, chars_per_step: int, speed: flo
     if speed:
         interval = min(interval, math.ceil(EVAL_SECONDS * speed / chars_per_step))
     return max(1, interval)
+
+
+def _size(chars: int) -> str:
+    return f"{chars / 1e6:.1f}M" if chars >= 1e6 else f"{chars / 1e3:.0f}k"
 
 
 def _rate(chars: float) -> str:
@@ -234,63 +286,50 @@ def plan_run(
     """Fill every ``None`` (auto) setting of ``config`` and ``model`` from the budget.
 
     ``model.vocab_size`` must be set. ``corpus_chars`` is the training split's length.
-    ``share`` makes every process of a distributed run use the same measured speed
-    (rank 0's), so that they all choose the same model.
+    ``dtype`` is the precision ``--dtype`` resolved to; under ``auto`` (``config.dtype``)
+    the probe may choose float32 instead, where it measured bfloat16 slower. ``share``
+    makes every process of a distributed run use the same measured speed (rank 0's), so
+    that they all choose the same model.
     """
     batch = config.batch_size or BATCH_SIZE
     seq = config.seq_len or SEQ_LEN
     chars_per_step = batch * seq
     step_chars = config.max_iters * chars_per_step if config.max_iters else math.inf  # what --max-iters allows
     sizes_auto = model.hidden_size is None or model.n_layers is None
-    probe_seconds, speed = 0.0, None
     smallest = CANDIDATES[0]  # a size left at auto is at least this: fixed sizes are checked before anything is built
     check_memory(
         replace(model, hidden_size=model.hidden_size or smallest[0], n_layers=model.n_layers or smallest[1]), batch, seq, device
     )
-    start = time.perf_counter()
-
     probe = bool(config.max_time) and (
-        sizes_auto or config.warmup_iters is None or model.dropout is None or config.eval_interval is None
+        sizes_auto
+        or config.warmup_iters is None
+        or config.eval_interval is None
+        or any(getattr(model, name) is None for name in REGULARISATION)
     )
     if probe:
-        # Time budget: measure FLOP/s on a mid-sized model, choose the size, then measure the chosen one.
-        probe_model = replace(model, hidden_size=model.hidden_size or 256, n_layers=model.n_layers or 1, dropout=0.0)
-        flop_rate = share(measure_speed(probe_model, batch, seq, device, dtype)) * flops_per_char(probe_model)
-        remaining = max(config.max_time - (time.perf_counter() - start), 0.0)
-
-        def budget_chars(h: int, n: int) -> float:
-            chars = flop_rate * remaining / flops_per_char(replace(probe_model, hidden_size=h, n_layers=n))
-            return min(chars, step_chars)
+        measured = _probe(config, model, corpus_chars, batch, seq, device, dtype, share, step_chars)
+        model, dtype, speed, probe_seconds, chars, precision = measured
     else:  # a step budget (or nothing left to choose): no probe
-
-        def budget_chars(h: int, n: int) -> float:
-            return step_chars
-
-    hidden, layers = choose_size(budget_chars, model, corpus_chars) if sizes_auto else (model.hidden_size, model.n_layers)
-    if probe:
-        # Timed with the dropout the first estimate gives it, since dropout costs speed (0.27 cost
-        # a 2x384 13% here); the refined estimate below sets the run's dropout, usually the same.
-        guess = budget_chars(hidden, layers) / max(corpus_chars, 1)
-        dropout = dropout_for(guess) if model.dropout is None else model.dropout
-        chosen = replace(model, hidden_size=hidden, n_layers=layers, dropout=dropout)
-        same = (hidden, layers, dropout) == (probe_model.hidden_size, probe_model.n_layers, 0.0)
-        speed = flop_rate / flops_per_char(chosen) if same else share(measure_speed(chosen, batch, seq, device, dtype))
-        probe_seconds = time.perf_counter() - start
-        chars = min(speed * max(config.max_time - probe_seconds, 0.0), step_chars)
-    else:
-        chars = step_chars
+        hidden, layers = (
+            choose_size(lambda h, n: step_chars, model, corpus_chars) if sizes_auto else (model.hidden_size, model.n_layers)
+        )
+        model, speed, probe_seconds, chars, precision = (
+            replace(model, hidden_size=hidden, n_layers=layers),
+            None,
+            0.0,
+            step_chars,
+            "",
+        )
     # Unknown only when everything is given and the budget is time: then nothing below needs it.
     known = math.isfinite(chars)
-    capped = known and not config.max_iters and chars > MAX_EPOCHS * corpus_chars
-    if capped:  # a small corpus: the run ends once it has read it MAX_EPOCHS times
-        chars = MAX_EPOCHS * corpus_chars
-    steps = max(1, int(chars // chars_per_step)) if known else 0
     epochs = chars / max(corpus_chars, 1) if known else 0.0
-
-    model = replace(
-        model, hidden_size=hidden, n_layers=layers, dropout=dropout_for(epochs) if model.dropout is None else model.dropout
-    )
-    lr = config.lr if config.lr is not None else learning_rate_for(hidden)
+    model = _with_regularisation(model, corpus_chars, epochs)
+    max_epochs = REGULARISED_MAX_EPOCHS if model.weight_drop else MAX_EPOCHS
+    capped = known and not config.max_iters and epochs > max_epochs
+    if capped:  # a small corpus: the run ends once it has read it max_epochs times
+        chars, epochs = max_epochs * corpus_chars, float(max_epochs)
+    steps = max(1, int(chars // chars_per_step)) if known else 0
+    lr = config.lr if config.lr is not None else learning_rate_for(model.hidden_size)
     config = replace(
         config,
         batch_size=batch,
@@ -302,14 +341,77 @@ def plan_run(
         or (eval_interval(steps, corpus_chars, chars_per_step, speed) if known else FALLBACK_EVAL_INTERVAL),
         max_iters=steps if capped else config.max_iters,
     )
-    budget = f"{config.max_time:g} s" if config.max_time else f"{config.max_iters:,} steps"
-    speed_note = f" at {_rate(speed)}" if speed else ""
-    what = "chosen" if sizes_auto else "given"
     plan = f"about {steps:,} steps of {batch}x{seq} ({epochs:.1f} epochs)" if known else f"steps of {batch}x{seq}"
     if capped:
-        plan += f", about {steps * chars_per_step / speed:.0f} s: the corpus read {MAX_EPOCHS} times, where more would only memorise it"
+        plan += (
+            f", about {steps * chars_per_step / speed:.0f} s: the corpus read {max_epochs} times, "
+            "where more would only memorise it"
+        )
+    budget = f"{config.max_time:g} s" if config.max_time else f"{config.max_iters:,} steps"
     reason = (
-        f"{model.cell} {layers}x{hidden} {what} for {budget}{speed_note} on a {corpus_chars / 1e6:.1f}M-char corpus: "
-        f"{plan}, lr {lr:g}, dropout {model.dropout:g}, evaluation every {config.eval_interval:,} steps"
+        f"{model.cell} {model.n_layers}x{model.hidden_size} {'chosen' if sizes_auto else 'given'} for {budget}"
+        f"{f' at {_rate(speed)}' if speed else ''}{precision} on a {_size(corpus_chars)}-char corpus: "
+        f"{plan}, lr {lr:g}, {_describe_regularisation(model)}, evaluation every {config.eval_interval:,} steps"
     )
-    return Plan(config, model, probe_seconds, speed, reason)
+    return Plan(config, model, probe_seconds, speed, reason, dtype)
+
+
+def _probe(
+    config: TrainConfig,
+    model: ModelConfig,
+    corpus_chars: int,
+    batch: int,
+    seq: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    share: Callable[[float], float],
+    step_chars: float,
+) -> tuple[ModelConfig, torch.dtype, float, float, float, str]:
+    """Time this machine and choose the size (and, under ``--dtype auto``, the precision).
+
+    Returns the model with its size, the precision, the chosen size's speed (chars/s),
+    the seconds the probe took, the characters the rest of the budget trains on, and a
+    note on the precision for the first line (empty when nothing was chosen).
+    """
+    start = time.perf_counter()
+    # Measure FLOP/s on a mid-sized model, choose the size, then measure the chosen one.
+    probe_model = replace(model, hidden_size=model.hidden_size or 256, n_layers=model.n_layers or 1)
+    probe_model = replace(probe_model, **{name: 0.0 for name in REGULARISATION})
+    flop_rate = share(measure_speed(probe_model, batch, seq, device, dtype)) * flops_per_char(probe_model)
+    remaining = max(config.max_time - (time.perf_counter() - start), 0.0)
+
+    def budget_chars(h: int, n: int) -> float:
+        return min(flop_rate * remaining / flops_per_char(replace(probe_model, hidden_size=h, n_layers=n)), step_chars)
+
+    sizes_auto = model.hidden_size is None or model.n_layers is None
+    hidden, layers = choose_size(budget_chars, model, corpus_chars) if sizes_auto else (model.hidden_size, model.n_layers)
+    # Timed with the regularisation the first estimate gives it, since dropout costs speed (0.27
+    # cost a 2x384 13% here); the refined estimate sets the run's rates, usually the same.
+    sized = replace(model, hidden_size=hidden, n_layers=layers)
+    chosen = _with_regularisation(sized, corpus_chars, budget_chars(hidden, layers) / max(corpus_chars, 1))
+    speed = (
+        flop_rate / flops_per_char(chosen) if chosen == probe_model else share(measure_speed(chosen, batch, seq, device, dtype))
+    )
+    precision = ""
+    if config.dtype == "auto" and dtype != torch.float32:
+        # bfloat16 is not faster everywhere: small models on some CPUs train faster in float32.
+        fp32 = share(measure_speed(chosen, batch, seq, device, torch.float32))
+        name = str(dtype).removeprefix("torch.")
+        if fp32 > speed:
+            precision = f" in float32 (measured faster here than {name}: {_rate(fp32)} against {_rate(speed)})"
+            dtype, speed = torch.float32, fp32
+        else:
+            precision = f" in {name} (measured faster here than float32: {_rate(fp32)})"
+    probe_seconds = time.perf_counter() - start
+    chars = min(speed * max(config.max_time - probe_seconds, 0.0), step_chars)
+    return sized, dtype, speed, probe_seconds, chars, precision
+
+
+def _describe_regularisation(model: ModelConfig) -> str:
+    """ "dropout 0.4" or, under weight drop, every rate: the first line says which regime the run is in."""
+    if not model.weight_drop and not model.input_dropout and not model.embedding_dropout:
+        return f"dropout {model.dropout:g}"
+    return (
+        f"dropout {model.dropout:g}, input dropout {model.input_dropout:g}, embedding dropout "
+        f"{model.embedding_dropout:g}, weight drop {model.weight_drop:g}"
+    )

@@ -104,7 +104,7 @@ class Trainer:
             self.dtype,
             share=lambda v: self.dist.sum([v if self.dist.is_main else 0.0], self.device)[0],
         )
-        self.config, model_config = self.plan.config, self.plan.model
+        self.config, model_config, self.dtype = self.plan.config, self.plan.model, self.plan.dtype
         self.streams = self._batch_streams()
         self._build_model(model_config, base)
         self.optimizer = make_optimizer(self.model, self.config)
@@ -327,7 +327,12 @@ class Trainer:
         if c.max_time and self.elapsed >= c.max_time:
             return f"reached --max-time {c.max_time:g} s"
         if c.patience and self.evals_without_improvement >= c.patience:
-            return f"no improvement in {c.patience} evaluations (--patience)"
+            # Early stopping is the last line of defence here: say what would have helped instead.
+            return (
+                f"no improvement in {c.patience} evaluations (--patience): the model began to memorise its "
+                "corpus, so more time would not help; more text, a smaller --hidden-size or more --dropout / "
+                "--weight-drop would"
+            )
         return None
 
     def train_step(self) -> float:
