@@ -6,6 +6,7 @@
     python benchmarks/budget.py compare --seconds 60 --dtype float32   # defaults vs the script
     python benchmarks/budget.py run --seconds 300 --dtype auto --variant ema   # a recipe variant
     python benchmarks/budget.py pycorpus --data /tmp/pystd   # the second corpus: the stdlib's modules
+    python benchmarks/budget.py pycorpus --data /tmp/py150k.txt --chars 150000   # its first 150k chars
 
 Every run appends one JSON line to ``--results`` (default benchmarks/results/budget.jsonl)
 with the machine's matmul peaks beside it, so figures from different machines are never
@@ -75,6 +76,8 @@ def train_charrnn(data: str, seconds: float, dtype: str, model_args: dict, train
         "dtype": dtype,
         "model": meta["model"],
         "train": {k: meta["train"][k] for k in (*RECORDED_TRAIN, *train_args)},
+        "plan": trainer.plan.reason,
+        "stop": result.stop_reason,
         "steps": result.step,
         "val": result.best_val_loss,
         "wall": wall,
@@ -107,15 +110,23 @@ def chars_per_second(hidden: int, layers: int, batch: int, seq: int, dtype: str,
         return n * batch * seq / (time.perf_counter() - start)
 
 
-def python_corpus(dest: Path) -> Path:
+def python_corpus(dest: Path, chars: int = 0) -> Path:
     """The study's second corpus: the top-level modules of this Python's standard library.
 
     A folder of .py files, in sorted order (charrnn reads a folder's text files in sorted
     order); 4.7 MB for CPython 3.11, nearly five times Tiny Shakespeare, and code rather than verse.
+    With ``chars``, one file instead: the first ``chars`` characters of those files joined
+    (150,000 give the small corpus of the data-limited study).
     """
     stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = sorted(stdlib.glob("*.py"))
+    if chars:
+        text = "".join(source.read_text(encoding="utf-8") for source in sources)[:chars]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text, encoding="utf-8")
+        return dest
     dest.mkdir(parents=True, exist_ok=True)
-    for source in sorted(stdlib.glob("*.py")):
+    for source in sources:
         shutil.copyfile(source, dest / source.name)
     return dest
 
@@ -175,11 +186,12 @@ def main() -> None:
     parser.add_argument("--model", type=json.loads, default={}, help='ModelConfig fields as JSON, e.g. {"hidden_size": 256}')
     parser.add_argument("--train", type=json.loads, default={}, help='TrainConfig fields as JSON, e.g. {"lr": 2e-3}')
     parser.add_argument("--sizes", default="128x1,128x2,256x1,256x2,384x2,512x1,512x2,512x3,768x2,1024x2")
+    parser.add_argument("--chars", type=int, default=0, help="pycorpus: one file of the first N characters")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=100)
     args = parser.parse_args()
     if args.what == "pycorpus":
-        print(python_corpus(Path(args.data)))
+        print(python_corpus(Path(args.data), args.chars))
         return
     if args.what == "plot":
         print(plot(args.results, ROOT / "docs" / "scaling.png"))
