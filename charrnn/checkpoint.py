@@ -152,13 +152,18 @@ def check_replaceable(path: Path) -> None:
         raise CheckpointError(f"{path} exists and is not a charrnn checkpoint: it is left as it is; choose another --out")
 
 
+# What a run folder holds once a run has written into it.
+RUN_FILES = ("best", "last", "metrics.jsonl")
+
+
 @contextmanager
-def claim_run_dir(run_dir: Path) -> Iterator[None]:
+def claim_run_dir(run_dir: Path, resuming: bool = False) -> Iterator[None]:
     """Create ``run_dir`` and hold its lock while inside: one training writes into a run at a time.
 
-    The lock is the kernel's, so a run killed with SIGKILL leaves none behind. ``best`` and
-    ``last`` are checked now, not after the training a refusal would cost (``ConfigError``
-    or ``CheckpointError``).
+    The lock is the kernel's, so a run killed with SIGKILL leaves none behind. A folder
+    that holds a run already is refused unless this run ``resuming`` it goes on there, and
+    ``best`` and ``last`` are checked: now, not after the training a refusal would cost
+    (``ConfigError`` or ``CheckpointError``).
     """
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +180,12 @@ def claim_run_dir(run_dir: Path) -> Iterator[None]:
             raise ConfigError(
                 f"cannot write to the run directory {run_dir}: {exc.strerror or exc}; make it writable or choose another --out"
             ) from None
+        held_run = [name for name in RUN_FILES if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+        if held_run and not resuming:
+            raise ConfigError(
+                f"{run_dir} holds a run already ({', '.join(held_run)}), which a new run would replace: resume it "
+                f"with --resume {run_dir}, or choose another --out"
+            )
         for name in ("best", "last"):
             check_replaceable(run_dir / name)
         yield

@@ -409,3 +409,19 @@ def test_abbreviated_flags_count_as_typed_on_resume(trained_run, tmp_path, capsy
     assert typed_flags(lambda defaults: build_parser(defaults), argv) == {"resume", "max_time", "hidden_size"}
     assert train_main(["--resume", str(trained_run.last), "--max-t", "60", "--hidden", "64", "--device", "cpu"]) == 2
     assert "--hidden-size 64 does not fit the checkpoint" in capsys.readouterr().err
+
+
+def test_a_new_run_over_a_folder_that_holds_a_run_is_refused_and_the_run_is_left_as_it_was(tmp_path, small_corpus_file):
+    from charrnn.training.callbacks import MetricsLog
+    from charrnn.training.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny_train_config(small_corpus_file, run), tiny_model_config(), callbacks=[MetricsLog()])
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"holds a run already \(best, last, metrics.jsonl\).*--resume .*another --out"):
+        train(tiny_train_config(small_corpus_file, run, max_iters=10), tiny_model_config(), callbacks=[MetricsLog()])
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # Resuming it goes on in the same folder; a fine-tune from it must go elsewhere.
+    train(tiny_train_config(small_corpus_file, run, max_iters=30, resume=str(run)), tiny_model_config(), callbacks=[])
+    with pytest.raises(ConfigError, match="holds a run already"):
+        train(tiny_train_config(small_corpus_file, run, init_from=str(run)), ModelConfig(), callbacks=[])

@@ -307,19 +307,14 @@ def plan_run(
         or any(getattr(model, name) is None for name in REGULARISATION)
     )
     if probe:
-        measured = _probe(config, model, corpus_chars, batch, seq, device, dtype, share, step_chars)
-        model, dtype, speed, probe_seconds, chars, precision = measured
+        model, dtype, speed, probe_seconds, chars, precision = _probe(
+            config, model, corpus_chars, batch, seq, device, dtype, share, step_chars
+        )
     else:  # a step budget (or nothing left to choose): no probe
-        hidden, layers = (
-            choose_size(lambda h, n: step_chars, model, corpus_chars) if sizes_auto else (model.hidden_size, model.n_layers)
-        )
-        model, speed, probe_seconds, chars, precision = (
-            replace(model, hidden_size=hidden, n_layers=layers),
-            None,
-            0.0,
-            step_chars,
-            "",
-        )
+        if sizes_auto:
+            hidden, layers = choose_size(lambda h, n: step_chars, model, corpus_chars)
+            model = replace(model, hidden_size=hidden, n_layers=layers)
+        speed, probe_seconds, chars, precision = None, 0.0, step_chars, ""
     # Unknown only when everything is given and the budget is time: then nothing below needs it.
     known = math.isfinite(chars)
     epochs = chars / max(corpus_chars, 1) if known else 0.0
@@ -351,7 +346,7 @@ def plan_run(
     reason = (
         f"{model.cell} {model.n_layers}x{model.hidden_size} {'chosen' if sizes_auto else 'given'} for {budget}"
         f"{f' at {_rate(speed)}' if speed else ''}{precision} on a {_size(corpus_chars)}-char corpus: "
-        f"{plan}, lr {lr:g}, {_describe_regularisation(model)}, evaluation every {config.eval_interval:,} steps"
+        f"{plan}, lr {lr:g}, {_describe_regularisation(model, corpus_chars)}, evaluation every {config.eval_interval:,} steps"
     )
     return Plan(config, model, probe_seconds, speed, reason, dtype)
 
@@ -407,11 +402,13 @@ def _probe(
     return sized, dtype, speed, probe_seconds, chars, precision
 
 
-def _describe_regularisation(model: ModelConfig) -> str:
-    """ "dropout 0.4" or, under weight drop, every rate: the first line says which regime the run is in."""
+def _describe_regularisation(model: ModelConfig, corpus_chars: int) -> str:
+    """The dropout rates for the first line: under weight drop every rate and why (which regime the run is in)."""
     if not model.weight_drop and not model.input_dropout and not model.embedding_dropout:
         return f"dropout {model.dropout:g}"
+    weights = step_weights(model.hidden_size, model.n_layers, model.embedding_size, model.vocab_size, model.cell)
     return (
+        f"{weights / max(corpus_chars, 1):.1f} weights per training character, so AWD-LSTM's regularisation: "
         f"dropout {model.dropout:g}, input dropout {model.input_dropout:g}, embedding dropout "
         f"{model.embedding_dropout:g}, weight drop {model.weight_drop:g}"
     )

@@ -90,7 +90,10 @@ class Trainer:
             self.message(note)
         self.config = config
         self.device = self.dist.start(resolve_device(config.device))
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        # A resumed run keeps the precision its probe chose (auto measured it once, at the start).
+        saved_dtype = saved.meta.get("dtype") if saved else None
+        resumed_auto = config.dtype == "auto" and saved_dtype in ("float32", "bfloat16")
+        self.dtype = resolve_dtype(saved_dtype if resumed_auto else config.dtype, self.device)
         self._check_same_resume(saved)
         # What a restart records in metrics.jsonl: which attempt this is, and the save it resumed from.
         self.restart, self.resumed_from = self.dist.restart, (saved.path if saved else None)
@@ -404,7 +407,10 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train until a budget, a signal or early stopping ends the run; save and report."""
-        with claim_run_dir(self.run_dir) if self.dist.is_main else nullcontext():
+        # A resumed run (or a torchrun restart, whose first attempt may have logged before any save) goes on in its folder.
+        saved_here = self.resumed_from is not None and self.resumed_from.resolve().parent == self.run_dir.resolve()
+        resuming = saved_here or self.restart > 0
+        with claim_run_dir(self.run_dir, resuming) if self.dist.is_main else nullcontext():
             self.model.train()
             self.last_save = time.monotonic()  # --save-every counts from the start of training
             stop_signal = self._stop_signal = StopSignal()
