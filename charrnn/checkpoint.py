@@ -180,14 +180,14 @@ def claim_run_dir(run_dir: Path, resuming: bool = False) -> Iterator[None]:
             raise ConfigError(
                 f"cannot write to the run directory {run_dir}: {exc.strerror or exc}; make it writable or choose another --out"
             ) from None
+        for name in ("best", "last"):  # something not ours under a checkpoint's name: say so first
+            check_replaceable(run_dir / name)
         held_run = [name for name in RUN_FILES if (run_dir / name).exists() or (run_dir / name).is_symlink()]
         if held_run and not resuming:
             raise ConfigError(
                 f"{run_dir} holds a run already ({', '.join(held_run)}), which a new run would replace: resume it "
                 f"with --resume {run_dir}, or choose another --out"
             )
-        for name in ("best", "last"):
-            check_replaceable(run_dir / name)
         yield
 
 
