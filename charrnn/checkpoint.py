@@ -49,6 +49,7 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 STATE_TENSORS_FILE = "training_state.safetensors"
 STATE_JSON_FILE = "training_state.json"
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, STATE_TENSORS_FILE, STATE_JSON_FILE)  # all there may be
 FORMAT_VERSION = 1
 # Read bounds, enforced while reading: JSON files are a few KB; weights are bounded well
 # above any model a machine here trains (a 4x4096 LSTM is 2.2 GB), far below "read /dev/zero".
@@ -214,7 +215,7 @@ def resolve_checkpoint(path: str | Path, names: tuple[str, ...] = ("best", "last
     which is then checked like any other.
     """
     if is_hub_name(str(path)):
-        path = download_checkpoint(str(path))
+        path = download_checkpoint(str(path), CHECKPOINT_FILES)
     path = Path(path).expanduser()
     if (path / CONFIG_FILE).exists():
         return path

@@ -7,11 +7,15 @@ server with ``HF_ENDPOINT``. It speaks what huggingface_hub 2.4 asks for:
 - ``GET /api/models/OWNER/NAME[/revision/REV]``: the repository's info (its commit ``sha``);
 - ``GET /api/models/OWNER/NAME/tree/REV``: the file listing (path, size, git blob ``oid``);
 - ``HEAD`` / ``GET /OWNER/NAME/resolve/REV/PATH``: a file, with ``X-Repo-Commit`` and ``ETag``;
+- ``POST /api/models/OWNER/NAME/branch/BRANCH``: a branch, from ``main``;
 - ``POST /api/repos/create``, ``/api/validate-yaml``, ``/api/models/OWNER/NAME/preupload/REV``
   (every file "regular", i.e. sent inside the commit) and ``/api/models/OWNER/NAME/commit/REV``
   (the NDJSON commit: a header line, then one line per file, base64).
 
 Errors carry the ``X-Error-Code`` header the client turns into its exception types.
+
+A hostile Hub is this one with ``tamper`` set: the commit sha its info gives, the ETag
+or ``X-Repo-Commit`` of its files, the paths of its listing, or a stall before answering.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -53,6 +58,9 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for assertions
         self.created: list[dict] = []  # the payloads of /api/repos/create
+        # What a hostile Hub answers instead: "sha" (info), "etag" / "commit" (file headers),
+        # "extra_path" (one more listing entry), "stall" (seconds before every answer).
+        self.tamper: dict[str, object] = {}
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -68,7 +76,11 @@ class FakeHub:
             def do_POST(self) -> None:
                 hub._handle(self, "POST")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # a client that gave up on a stalled answer: nothing to report
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -115,12 +127,16 @@ class FakeHub:
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         path = unquote(urlparse(h.path).path)
         self.requests.append((method, path))
+        if stall := self.tamper.get("stall"):
+            time.sleep(float(stall))  # type: ignore[arg-type]
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path):
             return self._info(h, m.group(1), m.group(2) or "main")
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path):
             return self._tree(h, m.group(1), m.group(2))
         if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
             return self._resolve(h, m.group(1), m.group(2), m.group(3), head=method == "HEAD")
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/branch/(.+)", path):
+            return self._branch(h, m.group(1), m.group(2))
         if path == "/api/repos/create" and method == "POST":
             return self._create(h, json.loads(self._body(h)))
         if path == "/api/validate-yaml" and method == "POST":
@@ -151,7 +167,7 @@ class FakeHub:
                 {
                     "id": repo_id,
                     "modelId": repo_id,
-                    "sha": sha,
+                    "sha": self.tamper.get("sha", sha),
                     "private": self.repos[repo_id].private,
                     "siblings": [{"rfilename": name} for name in sorted(files)],
                 },
@@ -160,7 +176,10 @@ class FakeHub:
     def _tree(self, h: BaseHTTPRequestHandler, repo_id: str, revision: str) -> None:
         if found := self._find(h, repo_id, revision):
             _, files = found
-            self._json(h, [{"type": "file", "path": n, "size": len(d), "oid": git_blob_id(d)} for n, d in sorted(files.items())])
+            listing = [{"type": "file", "path": n, "size": len(d), "oid": git_blob_id(d)} for n, d in sorted(files.items())]
+            if extra := self.tamper.get("extra_path"):
+                listing.append({"type": "file", "path": extra, "size": 1, "oid": git_blob_id(b"x")})
+            self._json(h, listing)
 
     def _resolve(self, h: BaseHTTPRequestHandler, repo_id: str, revision: str, name: str, head: bool) -> None:
         found = self._find(h, repo_id, revision, head)
@@ -170,16 +189,32 @@ class FakeHub:
         if name not in files:
             return self._error(h, 404, "EntryNotFound", f"{name} does not exist", head)
         data = files[name]
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_id(data)}"', "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": str(self.tamper.get("commit", sha)),
+            "ETag": str(self.tamper.get("etag", f'"{git_blob_id(data)}"')),
+            "Content-Type": "application/octet-stream",
+        }
         self._send(h, 200, data, headers, head)
 
     def _create(self, h: BaseHTTPRequestHandler, payload: dict) -> None:
         self.created.append(payload)
         repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
-        if repo_id in self.repos:
-            return self._error(h, 409, "RepoExists", "You already created this model repo")
+        if repo_id in self.repos:  # as the Hub answers it: the error, and the repository's URL
+            body = {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
+            return self._send(
+                h, 409, json.dumps(body).encode(), {"Content-Type": "application/json", "X-Error-Code": "RepoExists"}
+            )
         self.repos[repo_id] = Repo(private=payload.get("visibility") == "private" or bool(payload.get("private")))
         self._json(h, {"url": f"{self.url}/{repo_id}", "name": repo_id})
+
+    def _branch(self, h: BaseHTTPRequestHandler, repo_id: str, branch: str) -> None:
+        self._body(h)
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return self._error(h, 404, "RepoNotFound", "Repository not found")
+        if "main" in repo.refs:
+            repo.refs.setdefault(branch, repo.refs["main"])
+        self._json(h, {})
 
     def _commit(self, h: BaseHTTPRequestHandler, repo_id: str, revision: str) -> None:
         repo = self.repos.get(repo_id)

@@ -7,6 +7,8 @@ talks to tests/fake_hub.py through HF_ENDPOINT; nothing reaches the network.
 from __future__ import annotations
 
 import json
+import shutil
+import time
 
 import huggingface_hub
 import pytest
@@ -149,3 +151,97 @@ def test_push_command_and_sample_from_the_hub_in_a_fresh_process(hub, trained_ru
     local = run_python([SAMPLE_SCRIPT, "--checkpoint", str(trained_run.best), *args], env, tmp_path)
     assert remote.stdout == local.stdout and len(remote.stdout) == len("ROMEO:") + 120 + 1
     assert (tmp_path / "home" / "hub" / "models--romeo--tiny-lstm").is_dir()
+
+
+# --- a hostile Hub (or HF_ENDPOINT pointed at one) ------------------------------------------------
+
+
+def _outside(tmp_path):
+    """Every file under tmp_path that is not in the Hub cache: what a hostile answer must not add to."""
+    cache = tmp_path / "hf_home"
+    return {p for p in tmp_path.rglob("*") if not p.is_relative_to(cache)}
+
+
+@pytest.mark.parametrize("revision", ["../../../outside", "/etc", "main/../..", "a\x00b", "dev\nx", "a//b", "v1/"])
+def test_a_revision_that_is_a_path_is_refused_before_the_hub_is_asked(hub, revision):
+    with pytest.raises(HubError, match="is not a branch, tag or commit name"):
+        charrnn.load(f"hf:{REPO_ID}@{revision}")
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize(
+    ("tamper", "named"),
+    [
+        ({"sha": "../../../../outside"}, "which is not a commit sha"),  # would name the snapshot folder
+        ({"etag": '"../../../../outside"'}, "which is not a file hash"),  # would name the blob and its lock
+        ({"commit": "../../../../outside"}, "which is not a commit sha"),
+    ],
+)
+def test_an_answer_that_leads_outside_the_cache_is_refused_and_writes_nothing_there(hub, trained_run, tmp_path, tamper, named):
+    hub.publish_folder(REPO_ID, trained_run.best)
+    before = _outside(tmp_path)
+    hub.tamper.update(tamper)
+    with pytest.raises(HubError, match=named):
+        charrnn.load(f"hf:{REPO_ID}")
+    assert _outside(tmp_path) == before
+
+
+def test_a_cached_file_that_links_outside_the_cache_is_not_read(hub, trained_run, tmp_path, monkeypatch):
+    hub.publish_folder(REPO_ID, trained_run.best)
+    charrnn.load(f"hf:{REPO_ID}", device="cpu")
+    snapshot = next((hub.cache / "models--romeo--tiny-lstm" / "snapshots").iterdir())
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_bytes((snapshot / "config.json").read_bytes())
+    (snapshot / "config.json").unlink()
+    (snapshot / "config.json").symlink_to(elsewhere)
+    _offline(monkeypatch)
+    with pytest.raises(HubError, match="leads outside the Hub cache"):
+        charrnn.load(f"hf:{REPO_ID}")
+
+
+def test_only_the_checkpoint_files_are_fetched_and_odd_listing_paths_are_left(hub, trained_run):
+    files = {p.name: p.read_bytes() for p in trained_run.best.iterdir()}
+    hub.commit(REPO_ID, {**files, "huge.bin": b"\0" * 100_000, "notes/secret.txt": b"x"})
+    hub.tamper["extra_path"] = "../../../escaped.txt"
+    assert charrnn.load(f"hf:{REPO_ID}", device="cpu").model.config.hidden_size == 32
+    fetched = {path.rsplit("/", 1)[-1] for method, path in hub.requests if "/resolve/" in path}
+    assert fetched == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert not list(hub.cache.rglob("huge.bin")) and not list(hub.cache.parent.parent.rglob("escaped.txt"))
+
+
+def test_a_hub_that_stalls_is_given_up_on(hub, trained_run, monkeypatch):
+    hub.publish_folder(REPO_ID, trained_run.best)
+    monkeypatch.setattr(charrnn.hub, "READ_TIMEOUT", 0.5)
+    hub.tamper["stall"] = 3
+    started = time.monotonic()
+    with pytest.raises(HubError):
+        charrnn.load(f"hf:{REPO_ID}")
+    assert time.monotonic() - started < 2.5  # the 0.5 s read timeout, not the 3 s stall (nor forever)
+
+
+def test_push_uploads_only_the_checkpoint_and_refuses_links_out(hub, trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.best, run / "best")
+    (run / "best" / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (tmp_path / "secret.txt").write_text("password")
+    (run / "best" / "notes.txt").symlink_to(tmp_path / "secret.txt")
+    charrnn.push_to_hub(run, REPO_ID)
+    _, files = hub.repos[REPO_ID].files_at("main")
+    assert set(files) == {"config.json", "model.safetensors", "tokenizer.json", "README.md"}
+
+    weights = run / "best" / "model.safetensors"
+    (tmp_path / "weights").write_bytes(weights.read_bytes())
+    weights.unlink()
+    weights.symlink_to(tmp_path / "weights")
+    with pytest.raises(CheckpointError, match="outside the checkpoint"):
+        charrnn.push_to_hub(run, "romeo/other")
+    assert "romeo/other" not in hub.repos
+
+
+def test_push_to_a_branch_commits_there(hub, trained_run):
+    charrnn.push_to_hub(trained_run.run_dir, REPO_ID)
+    main = hub.repos[REPO_ID].refs["main"]
+    charrnn.push_to_hub(trained_run.run_dir, f"{REPO_ID}@dev", message="to dev")
+    assert hub.repos[REPO_ID].refs["main"] == main
+    assert hub.repos[REPO_ID].refs["dev"] != main
+    assert charrnn.load(f"hf:{REPO_ID}@dev", device="cpu").model.config.hidden_size == 32

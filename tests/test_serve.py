@@ -360,7 +360,7 @@ def test_health_and_the_head_of_get(server):
 
 
 def test_an_unexpected_exception_is_a_500_in_json_and_one_log_line(server, caplog):
-    def broken(pieces):
+    def broken(pieces, go_on):
         raise ZeroDivisionError("a bug")
 
     server.server.context_for = broken
@@ -393,10 +393,10 @@ def test_a_full_queue_gets_429_then_503(sampler):
         gate, reading = threading.Event(), threading.Event()
         real = srv.server.context_for
 
-        def held(pieces):
+        def held(pieces, go_on):
             reading.set()
             gate.wait(TIMEOUT)
-            return real(pieces)
+            return real(pieces, go_on)
 
         srv.server.context_for = held
         with ThreadPoolExecutor(2) as pool:
@@ -554,6 +554,62 @@ def test_a_client_leaving_mid_stream_stops_its_generation(sampler, monkeypatch):
         assert srv.server.slots.running == 0
         assert len(drawn) < 1000  # 2,000 would take 10 s: it stopped when the client left
         assert_answers(srv)
+
+
+def test_a_conversation_is_bounded_in_all_not_per_message(trained_run):
+    sampler = charrnn.load(trained_run.best, device="cpu")
+    sampler.max_prompt_chars = 1000
+    with ServerThread(sampler, ServeConfig(**{**LIMITS, "max_body_bytes": 2**20}, request_timeout=TIMEOUT)) as srv:
+        messages = [{"role": "system", "content": "ab"}] * 600  # 1,200 characters, none of them long
+        error = error_of(request(srv, "POST", "/v1/chat/completions", {"messages": messages}), 400)
+        assert error["param"] == "messages"
+        assert "the conversation (with the chat template) has 1,210 characters in all" in error["message"]  # + the reply start
+        assert "at most 1,000 per request" in error["message"]
+        assert_answers(srv)
+
+
+def _slow_reads(sampler, monkeypatch, seconds: float) -> list[str]:
+    """Every piece a server reads takes ``seconds``; the pieces read so far."""
+    read, real = [], sampler.read
+
+    def slow(text="", context=None, what="the prompt"):
+        time.sleep(seconds)
+        read.append(text)
+        return real(text, context, what)
+
+    monkeypatch.setattr(sampler, "read", slow)
+    return read
+
+
+def test_a_prompt_read_stops_at_the_deadline_and_frees_its_slot(sampler, monkeypatch):
+    read = _slow_reads(sampler, monkeypatch, 0.05)
+    config = ServeConfig(**{**LIMITS, "max_body_bytes": 2**20, "max_concurrent": 1}, request_timeout=1.0)
+    with ServerThread(sampler, config) as srv:
+        messages = [{"role": "system", "content": "a"}] * 400  # 20 s of reading
+        started = time.monotonic()
+        error = error_of(request(srv, "POST", "/v1/chat/completions", {"messages": messages}), 504)
+        assert "deadline" in error["message"]
+        while srv.server.slots.running and time.monotonic() - started < 10:
+            time.sleep(0.01)
+        assert time.monotonic() - started < 4  # the 1 s deadline, not the 20 s the reading would take
+        assert len(read) < 100
+        monkeypatch.undo()
+        assert_answers(srv)  # the one slot is free again
+
+
+def test_shutdown_stops_a_prompt_read_and_answers_503(sampler, monkeypatch):
+    _slow_reads(sampler, monkeypatch, 0.05)
+    srv = ServerThread(sampler, ServeConfig(**{**LIMITS, "max_body_bytes": 2**20}, request_timeout=TIMEOUT))
+    messages = [{"role": "system", "content": "a"}] * 400
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(request, srv, "POST", "/v1/chat/completions", {"messages": messages})
+        while not srv.server.slots.running:
+            time.sleep(0.01)
+        started = time.monotonic()
+        srv.stop()
+        assert time.monotonic() - started < 3  # not the 20 s of reading
+        error = error_of(answer.result(TIMEOUT), 503)
+    assert error["code"] == "shutting_down" and "shutting down" in error["message"]
 
 
 # --- the command line -------------------------------------------------------------------------------

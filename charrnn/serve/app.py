@@ -69,6 +69,7 @@ from .slots import (
     GenerationSlots,
     Piece,
     Ready,
+    ServerStopping,
     as_request_error,
     coalesce,
 )
@@ -89,6 +90,7 @@ class Server:
         self.cache = StateCache(self.config.cache_entries, self.config.cache_bytes)
         self.slots = GenerationSlots(self.config)
         self.pool = concurrent.futures.ThreadPoolExecutor(self.config.max_concurrent, thread_name_prefix="charrnn-gen")
+        self.stopping = threading.Event()  # set when the server shuts down: generations end at their next piece
         self.page = resources.files(__package__).joinpath("chat.html").read_bytes()
         routes: dict[str, dict[str, Handler]] = {
             "/": {"GET": self.chat_page},
@@ -166,12 +168,13 @@ class Server:
 
     async def completions(self, request: Request) -> Response:
         """``POST /v1/completions``."""
-        return await self._generate(request, lambda body: completion_job(parse_body(body), self.config, self.sampler.tokenizer))
+        tokenizer, limit = self.sampler.tokenizer, self.sampler.max_prompt_chars
+        return await self._generate(request, lambda body: completion_job(parse_body(body), self.config, tokenizer, limit))
 
     async def chat_completions(self, request: Request) -> Response:
         """``POST /v1/chat/completions``."""
-        tokenizer, template = self.sampler.tokenizer, self.template
-        return await self._generate(request, lambda body: chat_job(parse_body(body), self.config, tokenizer, template))
+        tokenizer, template, limit = self.sampler.tokenizer, self.template, self.sampler.max_prompt_chars
+        return await self._generate(request, lambda body: chat_job(parse_body(body), self.config, tokenizer, template, limit))
 
     async def _generate(self, request: Request, job_of: Callable[[bytes], Job]) -> Response:
         check_api_key(request, self.config.api_key)
@@ -192,9 +195,10 @@ class Server:
         return await self._whole(generation, answer)
 
     # -- generation, in a worker thread ---------------------------------------------------------
-    def context_for(self, pieces: list[str]) -> tuple[Context, int, int]:
+    def context_for(self, pieces: list[str], go_on: Callable[[], None] = lambda: None) -> tuple[Context, int, int]:
         """The context after ``pieces``, from the longest prefix in the state cache; with the
-        characters read in all and those a cached state stood for. Runs in a worker thread."""
+        characters read in all and those a cached state stood for. Runs in a worker thread;
+        ``go_on()`` is called between pieces (and raises to stop)."""
         keys = piece_keys(pieces)
         context, start = None, 0
         for i in range(len(keys) - 1, -1, -1):
@@ -204,6 +208,7 @@ class Server:
                 break
         self.cache.count(start > 0)
         for piece in pieces[start:]:  # the same reads, one per piece, as a miss makes: a hit changes nothing
+            go_on()
             context = self.sampler.read(piece, context)
         if context is None:  # nothing to read: start as a prompt-less sample does
             context = self.sampler.read("")
@@ -214,23 +219,31 @@ class Server:
 
     def generate(self, job: Job, emit: Emit, cancel: threading.Event, deadline: float) -> None:
         """The generation of one request, in a worker thread: its events (see ``charrnn.serve.slots``)."""
+
+        def go_on() -> None:
+            """Between two pieces read or written: stop for a client that left, the server's shutdown, the deadline."""
+            if cancel.is_set():
+                raise _ClientLeft
+            if self.stopping.is_set():
+                raise ServerStopping("the server is shutting down: send the request again once it is back")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the request")
+
         try:
-            context, total, cached = self.context_for(job.pieces)
+            context, total, cached = self.context_for(job.pieces, go_on)
             emit(Ready(total, cached))
             for i, seed in enumerate(job.seeds()):
                 reply = self.sampler.continue_from(context, job.sample, keep_context=False, seed=seed)
                 try:
                     for piece in reply:
-                        if cancel.is_set():
-                            return
-                        if time.monotonic() > deadline:
-                            emit(Failed(TimeoutError(f"the reply took longer than {self.config.request_timeout:g} s")))
-                            return
+                        go_on()
                         emit(Piece(i, piece))
                 finally:
                     reply.close()  # a client that left stops the generation here
                 emit(Finished(i, reply.finish_reason))
             emit(Complete())
+        except _ClientLeft:
+            pass  # nobody to answer
         except BaseException as exc:  # handed to the event loop, which answers it
             emit(Failed(exc))
 
@@ -269,8 +282,13 @@ class Server:
 
     # -- running ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the generation threads (those running finish their character and end)."""
+        """Stop the generation threads: those running end at their next piece, answering 503."""
+        self.stopping.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _ClientLeft(Exception):
+    """A generation's client went away: it ends without an answer."""
 
 
 class _Stream:
@@ -347,4 +365,17 @@ def uvicorn_server(server: Server) -> uvicorn.Server:
         backlog=server.config.backlog,
         server_header=False,
     )
-    return uvicorn.Server(config)
+    return _Uvicorn(config, server)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, which tells running generations when it starts to shut down (Ctrl-C, SIGTERM):
+    they answer 503 at their next piece, within the graceful-shutdown time, instead of running on."""
+
+    def __init__(self, config: uvicorn.Config, server: Server):
+        super().__init__(config)
+        self.charrnn_server = server
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.charrnn_server.stopping.set()
+        super().handle_exit(sig, frame)

@@ -14,6 +14,7 @@ from typing import Any
 from ..config import MAX_SEED, SampleConfig
 from ..errors import ConfigError, PromptError
 from ..generation.chat import ChatTemplate
+from ..generation.sampler import MAX_PROMPT_CHARS
 from ..tokenizer import CharTokenizer
 from .protocol import ROLES, ChatCompletionRequest, CompletionRequest, SamplingRequest, bad_request, validate_request
 from .settings import ServeConfig
@@ -72,15 +73,29 @@ def _check_text(tokenizer: CharTokenizer, text: str, what: str, warnings: list[s
             warnings.append(note)
 
 
+def _check_size(pieces: list[str], limit: int, what: str, param: str) -> None:
+    """The whole request's text within ``limit`` characters: its reading time is bounded, however it is split."""
+    total = sum(map(len, pieces))
+    if total > limit:
+        raise bad_request(
+            f"{what} has {total:,} characters in all; this server reads at most {limit:,} per request. A char-RNN "
+            "remembers far less than that: send the last part of the text",
+            param,
+        )
+
+
 def _usage_wanted(request: SamplingRequest) -> bool:
     return bool(request.stream_options and request.stream_options.include_usage)
 
 
-def completion_job(body: dict[str, Any], config: ServeConfig, tokenizer: CharTokenizer) -> Job:
+def completion_job(
+    body: dict[str, Any], config: ServeConfig, tokenizer: CharTokenizer, max_prompt_chars: int = MAX_PROMPT_CHARS
+) -> Job:
     """A ``POST /v1/completions`` body as a job (400 on anything wrong, naming the field)."""
     request: CompletionRequest = validate_request(CompletionRequest, body, config)
     warnings = request.ignored()
     prompt = request.prompt or ""
+    _check_size([prompt], max_prompt_chars, "the prompt", "prompt")
     _check_text(tokenizer, prompt, "prompt", warnings)
     sample = _sample_config(request, config, request.max_tokens, tuple(request.stop or ()))
     echo = prompt if request.echo else ""
@@ -123,7 +138,13 @@ def chat_pieces(template: ChatTemplate, messages: list[tuple[str, str]]) -> list
     return pieces
 
 
-def chat_job(body: dict[str, Any], config: ServeConfig, tokenizer: CharTokenizer, template: ChatTemplate) -> Job:
+def chat_job(
+    body: dict[str, Any],
+    config: ServeConfig,
+    tokenizer: CharTokenizer,
+    template: ChatTemplate,
+    max_prompt_chars: int = MAX_PROMPT_CHARS,
+) -> Job:
     """A ``POST /v1/chat/completions`` body as a job (400 on anything wrong, naming the field)."""
     request: ChatCompletionRequest = validate_request(ChatCompletionRequest, body, config)
     warnings = request.ignored()
@@ -139,4 +160,7 @@ def chat_job(body: dict[str, Any], config: ServeConfig, tokenizer: CharTokenizer
     stops = tuple(dict.fromkeys(template.stops + tuple(request.stop or ())))
     sample = _sample_config(request, config, length, stops)
     n, stream = request.n or 1, bool(request.stream)
-    return Job("chat", chat_pieces(template, turns), sample, n, stream, _usage_wanted(request), "", warnings)
+    pieces = chat_pieces(template, turns)
+    # The whole conversation is bounded, not each message: thirty thousand short ones cost what one long one does.
+    _check_size(pieces, max_prompt_chars, "the conversation (with the chat template)", "messages")
+    return Job("chat", pieces, sample, n, stream, _usage_wanted(request), "", warnings)

@@ -69,10 +69,17 @@ Event = Ready | Piece | Finished | Complete | Failed
 Emit = Callable[[Event], None]
 
 
+class ServerStopping(Exception):
+    """The server began to shut down while a generation ran."""
+
+
 def as_request_error(exc: BaseException) -> RequestError:
-    """What a failed generation answers: the client's mistake a 400, the deadline a 504, a bug a 500 (and one log line)."""
+    """What a failed generation answers: the client's mistake a 400, the deadline a 504, shutdown a 503, a bug a 500
+    (and one log line)."""
     if isinstance(exc, RequestError):
         return exc
+    if isinstance(exc, ServerStopping):
+        return RequestError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), code="shutting_down")
     if isinstance(exc, CharRNNError):  # a prompt the model cannot read: the client's to fix
         return RequestError(HTTPStatus.BAD_REQUEST, str(exc), "messages", "invalid_prompt")
     if isinstance(exc, TimeoutError):

@@ -11,6 +11,7 @@ protocol class and limits) on a real loopback socket; only the process is shared
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -43,8 +44,8 @@ class ServerThread:
             time.sleep(0.01)
 
     def stop(self) -> None:
-        """Stop uvicorn (it finishes the answers under way, for at most 2 s), then the generation threads."""
-        self._uvicorn.should_exit = True
+        """Stop uvicorn as SIGTERM does (generations under way answer 503, for at most 2 s), then the threads."""
+        self._uvicorn.handle_exit(signal.SIGTERM, None)
         self._thread.join(30)
         self.server.close()
         self.socket.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import CONFIG_FILE, load_checkpoint, resolve_checkpoint
+from ..checkpoint import CHECKPOINT_FILES, CONFIG_FILE, load_checkpoint, resolve_checkpoint
 from ..data.corpus import corpus_name
 from ..errors import CheckpointError
 from ..evaluation import LN2
@@ -175,21 +175,43 @@ def push_to_hub(
     seed: int = 1,
     message: str | None = None,
 ) -> PushResult:
-    """Upload ``run``'s best checkpoint and a generated model card to Hub model ``repo_id`` (OWNER/NAME).
+    """Upload ``run``'s best checkpoint and a generated model card to Hub model ``repo_id`` (OWNER/NAME[@BRANCH]).
 
-    The repository is created if it does not exist, private unless ``private=False`` (an
-    existing repository keeps its visibility). The token is the Hub's usual one
+    The repository (and the branch) is created if it does not exist, private unless
+    ``private=False`` (an existing repository keeps its visibility). The token is the Hub's usual one
     (``HF_TOKEN`` or ``hf auth login``). Returns where the commit went.
     """
     name = parse_hub_name(repo_id)  # a malformed name fails before anything is read
     checkpoint = best_checkpoint(run)
+    files = checkpoint_files(checkpoint)
     card = model_card(checkpoint, name.repo_id, prompt, sample_length, seed)
     with tempfile.TemporaryDirectory(prefix="charrnn-push-") as tmp:
         stage = Path(tmp)
-        # The checkpoint's files as they are on disk (never re-saved), then the card beside them.
-        for file in sorted(checkpoint.iterdir()):
-            if file.is_file():
-                shutil.copyfile(file, stage / file.name)
+        # The checkpoint's own files as they are on disk (never re-saved), then the card beside them.
+        for file in files:
+            shutil.copyfile(file, stage / file.name)
         card.save(stage / CARD_FILE)
-        url = upload_folder(stage, name.repo_id, private=private, message=message or f"charrnn: upload {checkpoint.name}")
+        names = [file.name for file in files] + [CARD_FILE]
+        url = upload_folder(stage, str(name), private, message or f"charrnn: upload {checkpoint.name}", names)
     return PushResult(name.repo_id, url, private, card)
+
+
+def checkpoint_files(checkpoint: Path) -> list[Path]:
+    """The files a push uploads: those a checkpoint is made of, each a regular file whose real path is in the folder.
+
+    Nothing else in the folder goes up (a ``.env``, notes, a link to a secret elsewhere).
+    """
+    folder = checkpoint.resolve()
+    files = []
+    for name in CHECKPOINT_FILES:
+        file = checkpoint / name
+        if not (file.exists() or file.is_symlink()):
+            continue
+        real = file.resolve()
+        if real.parent != folder or not real.is_file():
+            raise CheckpointError(
+                f"{file} leads to {real}, outside the checkpoint (or to no regular file): push uploads only the "
+                "checkpoint's own files; put the file itself there in place of the link"
+            )
+        files.append(file)
+    return files
