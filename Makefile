@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0 -c requirements.lock
+	$(PY) -m pip uninstall --quiet --yes charrnn 2>/dev/null || true  # the distribution's name before charrnn-lm
 	$(PY) -m pip install --quiet -e ".[test]" -c requirements.lock
 	touch $(STAMP)
 

@@ -269,38 +269,52 @@ def read_text_file(path: str | Path, what: str, max_chars: int, error: type[Char
 
 
 def user_cache_dir() -> Path:
-    """charrnn's folder in the user's cache (``$XDG_CACHE_HOME/charrnn``, by default ``~/.cache/charrnn``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "charrnn"
+    """charrnn's folder in the user's cache, where the OS keeps it (``platformdirs``): on Linux
+    ``$XDG_CACHE_HOME/charrnn`` (``~/.cache/charrnn``), on macOS ``~/Library/Caches/charrnn``,
+    on Windows ``%LOCALAPPDATA%\\charrnn\\Cache``."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("charrnn", appauthor=False))
+
+
+LOCK_FILE = ".charrnn.lock"  # in a folder charrnn writes to, while it does
 
 
 class FolderBusyError(OSError):
     """Another live process holds the folder's lock (``strerror`` names it)."""
 
 
+def os_lock(path: Path) -> Any:
+    """``filelock``'s OS lock on the file ``path`` (``flock`` on Linux and macOS, ``msvcrt.locking``
+    on Windows), which the OS releases when its holder dies; None where the OS has neither:
+    filelock's fallback there, a lock file's mere existence, would outlive a killed holder."""
+    from filelock import FileLock, SoftFileLock  # torch's own dependency
+
+    return None if FileLock is SoftFileLock else FileLock(path)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive OS lock on ``folder`` for the ``with`` block.
 
-    ``flock`` on the folder itself, so no lock file is left behind, and the kernel
-    releases it when its holder exits or is killed: a crashed run never leaves a stale
-    lock. Raises ``FolderBusyError`` when another process holds it, and ``OSError`` for
-    a folder this process cannot write to (read-only, no permission). Where ``fcntl``
-    does not exist (Windows) nothing is locked.
+    :func:`os_lock` on ``folder/.charrnn.lock``: a crashed run never leaves a stale lock
+    (the empty file may stay). Raises ``FolderBusyError`` when another process holds it,
+    and ``OSError`` for a folder this process cannot write to (read-only, no permission).
+    Where the OS has no such lock, nothing is locked.
     """
+    from filelock import Timeout
+
     if not os.access(folder, os.W_OK):
         raise OSError(errno.EACCES, "it is read-only for this user (or on a read-only file system)")
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on Linux or macOS
+    lock = os_lock(folder / LOCK_FILE)
+    if lock is None:
         yield
         return
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FolderBusyError(errno.EBUSY, "another process holds its lock") from None
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise FolderBusyError(errno.EBUSY, "another process holds its lock") from None
+    try:
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        lock.release()

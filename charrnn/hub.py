@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from ._version import __version__
 from .errors import HubError
@@ -179,6 +179,26 @@ def download_checkpoint(spec: str, files: Iterable[str]) -> Path:
         raise UnsafeHubAnswer(f"the Hub sent {name} with something its client refuses: {_first_line(exc)}") from None
     _check_inside(Path(folder), Path(constants.HF_HUB_CACHE))
     return Path(folder)
+
+
+def download_url(url: str, out: BinaryIO) -> None:
+    """Write what ``url`` holds past ``out``'s current position into ``out`` (a file opened to append).
+
+    The Hub client's downloader: it retries what fails on the way (408, 429, a dropped
+    connection, timeouts) and resumes a transfer cut halfway from the last piece it wrote
+    (pieces of 10 MB), with charrnn's timeouts. A ``HubError`` says why it gave up.
+    """
+    import httpx2
+    from huggingface_hub import errors
+    from huggingface_hub.file_download import http_get
+
+    try:
+        with _guarded_session():
+            http_get(url, out, resume_size=out.tell(), displayed_filename=url.rsplit("/", 1)[-1])
+    except errors.OfflineModeIsEnabled:
+        raise HubError("HF_HUB_OFFLINE is set, and the Hub client then fetches nothing") from None
+    except (httpx2.HTTPError, errors.HfHubHTTPError, ValueError) as exc:
+        raise HubError(_first_line(exc)) from None
 
 
 def upload_folder(

@@ -128,3 +128,37 @@ def test_user_mistakes_print_one_error_line(tmp_path, subprocess_env, script, ar
     _assert_one_line_error(proc, *fragments)
     assert proc.returncode == 2
     assert not (tmp_path / "checkpoints").exists()  # nothing was written
+
+
+# Every platform module charrnn might reach for, made unimportable (as on Windows), before charrnn loads.
+WITHOUT_POSIX = (
+    "import sys\n"
+    "for name in ('fcntl', 'readline', 'termios'):\n"
+    "    sys.modules[name] = None  # import raises ImportError\n"
+    "from charrnn.cli.main import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_train_sample_and_chat_run_without_fcntl_readline_or_termios(corpus_file, subprocess_env, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", corpus_file, "--max-iters", "20", "--eval-interval", "10", "--out", out, *TINY_TRAIN_FLAGS]
+    trained = run_python(["-c", WITHOUT_POSIX, *map(str, args)], subprocess_env, tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    again = run_python(["-c", WITHOUT_POSIX, *map(str, args)], subprocess_env, tmp_path)
+    assert again.returncode == 2 and "holds a run already" in again.stderr  # the run folder is still guarded
+    sampled = run_python(
+        ["-c", WITHOUT_POSIX, "sample", "--checkpoint", str(out), "--prompt", "ab", "--length", "20", "--seed", "1"],
+        subprocess_env,
+        tmp_path,
+    )
+    assert sampled.returncode == 0 and sampled.stdout.startswith("ab"), sampled.stderr
+    (tmp_path / "typed.txt").write_text("hello\n/quit\n", encoding="utf-8")
+    with open(tmp_path / "typed.txt", encoding="utf-8") as typed:
+        chat = run_python(
+            ["-c", WITHOUT_POSIX, "chat", "--checkpoint", str(out), "--device", "cpu", "--seed", "1"],
+            subprocess_env,
+            tmp_path,
+            stdin=typed,
+        )
+    assert chat.returncode == 0 and chat.stdout.strip() and "Traceback" not in chat.stderr, chat.stderr

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -204,30 +208,113 @@ def test_shakespeare_is_read_from_the_cache(shakespeare_data_dir, shakespeare_so
     assert text.startswith("First Citizen:\n")
 
 
-def test_shakespeare_download_verifies_and_caches(data_dir, shakespeare_source, monkeypatch):
-    monkeypatch.setenv("CHARRNN_SHAKESPEARE_URL", shakespeare_source.as_uri())
+class FileServer:
+    """``data`` over HTTP on 127.0.0.1, with Range requests, as a download host serves a file.
+
+    ``cut_after``: the next answers stop after that many bytes and drop the connection
+    (``cuts`` of them); ``down``: connections are refused. ``ranges`` records each request's Range.
+    """
+
+    def __init__(self, data: bytes):
+        self.data, self.cut_after, self.cuts, self.ranges = data, None, 0, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                start = 0
+                if header := self.headers.get("Range"):
+                    start = int(header.removeprefix("bytes=").split("-")[0])
+                server.ranges.append(header)
+                body = server.data[start:]
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body)))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(server.data) - 1}/{len(server.data)}")
+                self.end_headers()
+                if server.cuts and server.cut_after is not None:
+                    server.cuts -= 1
+                    self.wfile.write(body[: server.cut_after])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)  # a transfer cut halfway
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/input.txt"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def online(monkeypatch):
+    """The download goes through the Hub client, which fetches nothing while HF_HUB_OFFLINE is set."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def shakespeare_host(shakespeare_source, monkeypatch):
+    host = FileServer(shakespeare_source.read_bytes())
+    monkeypatch.setenv("CHARRNN_SHAKESPEARE_URL", host.url)
+    online(monkeypatch)
+    yield host
+    host.close()
+
+
+def test_shakespeare_download_verifies_and_caches(data_dir, shakespeare_host, monkeypatch):
     path = shakespeare_path()
     assert path == data_dir / "shakespeare" / "input.txt"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == SHAKESPEARE_SHA256
     assert sorted(p.name for p in path.parent.iterdir()) == ["input.txt"]  # no partial download left
     # Cached: the URL is no longer needed.
-    monkeypatch.setenv("CHARRNN_SHAKESPEARE_URL", "file:///nonexistent/input.txt")
+    monkeypatch.setenv("CHARRNN_SHAKESPEARE_URL", "http://127.0.0.1:9/nowhere.txt")
     assert len(load_corpus("shakespeare")) == 1_115_394
 
 
-def test_shakespeare_download_of_a_wrong_file_is_rejected_and_not_kept(data_dir, tmp_path, monkeypatch):
-    wrong = tmp_path / "wrong.txt"
-    wrong.write_text("This is not Tiny Shakespeare.\n" * 100, encoding="utf-8")
-    monkeypatch.setenv("CHARRNN_SHAKESPEARE_URL", wrong.as_uri())
-    with pytest.raises(CorpusError, match=r"sha256 [0-9a-f]{64}, expected " + SHAKESPEARE_SHA256):
+def test_a_download_cut_halfway_is_retried_and_completes(data_dir, shakespeare_host):
+    shakespeare_host.cut_after, shakespeare_host.cuts = 400_000, 2
+    path = shakespeare_path()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == SHAKESPEARE_SHA256
+    assert len(shakespeare_host.ranges) == 3  # two cut transfers, then a whole one
+    assert sorted(p.name for p in path.parent.iterdir()) == ["input.txt"]
+
+
+def test_a_download_that_keeps_failing_is_a_sentence_and_the_next_run_completes(data_dir, shakespeare_host):
+    shakespeare_host.cut_after, shakespeare_host.cuts = 300_000, 100  # every try is cut
+    dest = data_dir / "shakespeare" / "input.txt"
+    with pytest.raises(CorpusError, match="could not download Tiny Shakespeare.*run again to resume it"):
         load_corpus("shakespeare")
+    assert not dest.exists()  # nothing half-written under the name a run reads
+    kept = data_dir / "shakespeare" / "input.txt.part"
+    kept = kept.stat().st_size if kept.exists() else 0
+    shakespeare_host.cuts, shakespeare_host.ranges = 0, []
+    assert len(load_corpus("shakespeare")) == 1_115_394
+    assert shakespeare_host.ranges == [f"bytes={kept}-" if kept else None]  # only what the .part lacks
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["input.txt"]
+
+
+def test_shakespeare_download_of_a_wrong_file_is_rejected_and_not_kept(data_dir, monkeypatch):
+    host = FileServer(b"This is not Tiny Shakespeare.\n" * 100)
+    monkeypatch.setenv("CHARRNN_SHAKESPEARE_URL", host.url)
+    online(monkeypatch)
+    try:
+        with pytest.raises(CorpusError, match=r"sha256 [0-9a-f]{64}, expected " + SHAKESPEARE_SHA256):
+            load_corpus("shakespeare")
+    finally:
+        host.close()
     folder = data_dir / "shakespeare"
     assert not (folder / "input.txt").exists()
     assert list(folder.iterdir()) == []  # no partial file either
 
 
 def test_shakespeare_unreachable_url_says_where_to_put_the_file(data_dir, monkeypatch):
-    monkeypatch.setenv("CHARRNN_SHAKESPEARE_URL", "file:///nonexistent/charrnn/input.txt")
+    monkeypatch.setenv("CHARRNN_SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")  # nothing listens on port 9
+    online(monkeypatch)
     dest = data_dir / "shakespeare" / "input.txt"
     with pytest.raises(CorpusError, match="could not download Tiny Shakespeare.*put the file at " + re.escape(str(dest))):
         load_corpus("shakespeare")

@@ -83,3 +83,21 @@ def test_export_without_a_format_or_checkpoint_is_a_sentence(trained_run, tmp_pa
     assert "choose a format: --onnx" in capsys.readouterr().err
     assert export.main(["--onnx", str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to a fifo"])
+def test_an_output_that_is_not_a_regular_file_is_refused_before_anything_is_written(trained_run, tmp_path, capsys, kind):
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # opening it to write would block until a reader came: it must never be opened
+    if kind == "fifo":
+        os.rename(fifo, out / "tokenizer.json")
+    else:
+        (out / "tokenizer.json").symlink_to(fifo)
+    assert export.main(["--onnx", str(trained_run.best), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json" in err and "it is a FIFO" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"]  # no model.onnx, no vocab.json

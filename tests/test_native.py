@@ -17,7 +17,7 @@ from conftest import tiny_model_config
 import charrnn
 from charrnn import ConfigError
 from charrnn.config import SampleConfig
-from charrnn.generation import native
+from charrnn.generation import native, toolchain
 from charrnn.generation.native import BatchedStepper, NativeStepper, has_tiles, load_kernel
 from charrnn.generation.processors import pick_next
 from charrnn.generation.sampler import Sampler
@@ -359,3 +359,106 @@ def test_a_batched_stepper_is_cached_per_stream_count(kernel):
     assert isinstance(small, BatchedStepper) and isinstance(large, BatchedStepper)
     assert (small.batch, large.batch) == (8, 64)
     assert sampler.stepper(8) is small
+
+
+# --- the compiler and its flags ----------------------------------------------------------------------
+
+VERSIONS = {
+    "g++ (Debian 14.2.0-19) 14.2.0\nCopyright (C) 2024 Free Software Foundation, Inc.": "gcc",
+    "Debian clang version 19.1.7 (3+b1)\nTarget: x86_64-pc-linux-gnu": "clang",
+    "Apple clang version 16.0.0 (clang-1600.0.26.6)\nTarget: arm64-apple-darwin24.3.0": "apple-clang",
+    "Homebrew clang version 19.1.7\nTarget: arm64-apple-darwin24.3.0": "clang",
+}
+
+
+@pytest.mark.parametrize(("version", "family"), VERSIONS.items())
+def test_the_compiler_family_is_read_from_its_version(version, family):
+    assert toolchain.compiler_family(version) == family
+
+
+def test_the_flags_follow_the_compiler_and_the_machine():
+    assert toolchain.base_flags("gcc", "x86_64") == ["-O3", "-ffast-math", "-march=native", "-mprefer-vector-width=512"]
+    assert toolchain.base_flags("clang", "aarch64") == ["-O3", "-ffast-math", "-mcpu=native"]
+    assert toolchain.base_flags("apple-clang", "arm64") == ["-O3", "-ffast-math"]  # its default target is the chip itself
+    assert toolchain.base_flags("msvc", "AMD64") == ["/O2", "/fp:fast", "/arch:AVX2"]
+    assert toolchain.openmp_candidates("gcc") == [(["-fopenmp"], ["-fopenmp"])]
+    assert toolchain.openmp_candidates("msvc") == [(["/openmp"], [])]
+
+
+def test_apple_clang_takes_openmp_from_libomp_where_it_is_installed(tmp_path, monkeypatch):
+    monkeypatch.setattr(toolchain, "LIBOMP_PREFIXES", ())
+    assert toolchain.openmp_candidates("apple-clang") == []  # no libomp: single-threaded, never a failed build
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "omp.h").touch()
+    monkeypatch.setenv("LIBOMP_PREFIX", str(tmp_path))
+    assert toolchain.openmp_candidates("apple-clang") == [
+        (["-Xpreprocessor", "-fopenmp", f"-I{tmp_path}/include"], [f"-L{tmp_path}/lib", "-lomp"])
+    ]
+
+
+def test_without_openmp_the_flags_are_single_threaded(monkeypatch):
+    gcc = toolchain.find_compiler()
+    assert gcc is not None and gcc.family == "gcc"
+    assert toolchain.kernel_flags(gcc).openmp and "-fopenmp" in toolchain.kernel_flags(gcc).cflags
+    monkeypatch.setattr(toolchain, "compiles", lambda *args: False)
+    flags = toolchain.kernel_flags(gcc)
+    assert not flags.openmp and "-fopenmp-simd" in flags.cflags and flags.ldflags == []
+
+
+KERNEL_PROBE = """
+import sys, charrnn
+from charrnn.generation.native import load_kernel
+sampler = charrnn.load(sys.argv[1], device="cpu", dtype="float32")
+kernel = load_kernel()
+text = open(sys.argv[2], encoding="utf-8").read()[:3000]
+print(type(sampler.stepper(1)).__name__ if kernel else "none", sampler.score(text, stepped=True))
+"""
+
+
+def _probe_kernel(trained_run, corpus_file, tmp_path, env_changes):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), "OMP_NUM_THREADS": "1", **env_changes}
+    result = subprocess.run(
+        [sys.executable, "-c", KERNEL_PROBE, str(trained_run.best), str(corpus_file)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    stepper, score = result.stdout.split()
+    return stepper, float(score), result.stderr
+
+
+def test_a_compiler_without_openmp_builds_a_single_threaded_kernel_that_samples_alike(kernel, trained_run, corpus_file, tmp_path):
+    """g++ behind a wrapper that refuses -fopenmp: the kernel still builds, and scores as the usual one does."""
+    import shutil
+
+    wrapper = tmp_path / "c++"
+    gxx = shutil.which("g++")
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {gxx} "$@"\n')
+    wrapper.chmod(0o755)
+    stepper, score, err = _probe_kernel(trained_run, corpus_file, tmp_path, {"CXX": str(wrapper)})
+    assert stepper == "NativeStepper" and "has no OpenMP here, so the kernel is built single-threaded" in err
+    text = corpus_file.read_text(encoding="utf-8")[:3000]
+    usual = charrnn.load(trained_run.best, device="cpu", dtype="float32").score(text, stepped=True)
+    assert score == pytest.approx(usual, abs=1e-4)
+
+
+def test_with_no_compiler_on_path_sampling_says_so_once_and_uses_torch(trained_run, corpus_file, tmp_path):
+    stepper, score, err = _probe_kernel(trained_run, corpus_file, tmp_path, {"CXX": "no-such-compiler", "PATH": "/nonexistent"})
+    assert stepper == "none" and score > 0
+    lines = [line for line in err.splitlines() if "could not be built" in line]
+    assert len(lines) == 1 and "no C++ compiler found" in lines[0] and "Install a C++ compiler" in lines[0]
+
+
+def test_clang_builds_the_kernel_and_it_scores_as_gccs_does(kernel, trained_run, corpus_file, tmp_path):
+    import shutil
+
+    clang = shutil.which("clang++")
+    assert clang is not None, "clang++ is missing: .ci/run installs Debian's clang (apt-get install clang libomp-dev)"
+    stepper, score, err = _probe_kernel(trained_run, corpus_file, tmp_path, {"CXX": clang})
+    assert stepper == "NativeStepper", err
+    text = corpus_file.read_text(encoding="utf-8")[:3000]
+    usual = charrnn.load(trained_run.best, device="cpu", dtype="float32").score(text, stepped=True)
+    assert score == pytest.approx(usual, abs=1e-4)

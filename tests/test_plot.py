@@ -134,7 +134,7 @@ def test_without_matplotlib_plot_run_returns_none_and_the_cli_says_how_to_instal
     assert plot_run(tmp_path / "run") is None
     assert not (tmp_path / "run" / "training.png").exists()
     assert main([str(tmp_path / "run")]) == 2
-    assert "pip install 'charrnn[plot]'" in capsys.readouterr().err
+    assert "pip install 'charrnn-lm[plot]'" in capsys.readouterr().err
 
 
 def test_python_m_charrnn_plot(tmp_path, subprocess_env):

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -18,6 +19,7 @@ import pytest
 from conftest import PYTHON
 
 import charrnn
+from charrnn.errors import ConfigError
 from charrnn.serve.jobs import chat_pieces
 from charrnn.serve.settings import ServeConfig
 from charrnn.serve.state_cache import StateCache, piece_keys
@@ -50,6 +52,8 @@ def request(srv, method, path, body=None, headers=None):
     try:
         if isinstance(body, dict):
             body = json.dumps(body).encode()
+        if body is not None and headers is None:
+            headers = {"Content-Type": "application/json"}  # as every OpenAI client sends it
         conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
@@ -378,7 +382,10 @@ def test_an_api_key_is_required_when_given(sampler):
         error = error_of(request(srv, "GET", "/v1/models"), 401)
         assert error["code"] == "invalid_api_key"
         assert [m.id for m in client(srv, api_key="s3cret").models.list().data]
-        assert request(srv, "GET", "/health")[0] == 200  # the page and /health need no key
+        status, _, health = request(srv, "GET", "/health")  # the page and /health need no key,
+        assert status == 200 and not {"cache", "load"} & set(json.loads(health))  # but its counters do
+        keyed = json.loads(request(srv, "GET", "/health", headers={"Authorization": "Bearer s3cret"})[2])
+        assert keyed["cache"]["entries"] >= 0 and keyed["load"] == {"running": 0, "waiting": 0}
         _, headers, _ = request(srv, "OPTIONS", "/v1/chat/completions", headers={"Origin": "http://localhost:3000"})
         assert headers["access-control-allow-origin"] == "http://localhost:3000"
         assert "Authorization" in headers["access-control-allow-headers"]
@@ -438,6 +445,72 @@ def test_a_megabyte_of_escaped_quotes_is_refused_while_health_answers(sampler):
         assert_answers(srv)
 
 
+@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "127.0.0.1:1", "[::1]:8000", "a.localhost", "10.0.0.7"])
+def test_addresses_and_localhost_names_are_answered(server, host):
+    assert request(server, "GET", "/health", headers={"Host": host})[0] == 200
+
+
+def test_a_rebound_host_name_is_refused_unless_allowed(server, sampler):
+    """DNS rebinding: a page on evil.example points its name at 127.0.0.1; its requests still say Host: evil.example."""
+    error = error_of(request(server, "POST", "/v1/chat/completions", chat_body(), {"Host": "evil.example:8000"}), 421)
+    assert error["code"] == "host_not_allowed" and "--allowed-host" in error["message"]
+    assert error_of(request(server, "GET", "/health", headers={"Host": "evil.example"}), 421)
+    with ServerThread(sampler, ServeConfig(**LIMITS, allowed_host=("models.example",))) as srv:
+        assert request(srv, "GET", "/health", headers={"Host": "models.example:80"})[0] == 200
+        assert request(srv, "GET", "/health", headers={"Host": "evil.example"})[0] == 421
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_body_that_is_not_declared_json_is_refused(server, content_type):
+    """A web page can send these three without asking the server first (no CORS preflight): never act on them."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    error = error_of(request(server, "POST", "/v1/chat/completions", json.dumps(chat_body()).encode(), headers), 415)
+    assert error["code"] == "unsupported_media_type"
+    answer = request(
+        server, "POST", "/v1/chat/completions", chat_body(max_tokens=3), {"Content-Type": "application/json; charset=utf-8"}
+    )
+    assert answer[0] == 200
+
+
+def _raw(srv, data: bytes) -> bytes:
+    """What the server answers to ``data`` on a fresh connection, until it closes it."""
+    with socket.create_connection((HOST, srv.port), timeout=TIMEOUT) as sock:
+        sock.sendall(data)
+        return read_all(sock)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET http://127.0.0.1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    ],
+)
+def test_odd_requests_get_json_and_a_closed_connection(server, data):
+    answer = _raw(server, data)  # returns only once the server closed the connection
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 4"), answer[:200]
+    assert b"content-type: application/json" in head.lower() and b"x-content-type-options: nosniff" in head.lower()
+    assert "message" in json.loads(body)["error"]
+    assert_answers(server)
+
+
+def test_answers_are_never_sniffed_and_the_page_is_never_framed(server):
+    for method, path in (("GET", "/health"), ("GET", "/nowhere"), ("POST", "/v1/models")):
+        assert request(server, method, path)[1]["x-content-type-options"] == "nosniff"
+    _, headers, _ = request(server, "GET", "/")
+    assert "frame-ancestors 'none'" in headers["content-security-policy"] and headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.parametrize("key", ["s3cret ", " s3cret", "sécret", "s3\tcret", "two words"])
+def test_an_api_key_no_header_can_carry_is_refused_at_start(key):
+    with pytest.raises(ConfigError, match="api_key must be printable ASCII without spaces"):
+        ServeConfig(api_key=key)
+
+
 def test_a_slow_client_is_cut_off_at_the_deadline(server):
     """A byte a second: the headers (or the body) never finish in time; the client gets a 408 and is dropped."""
     results = {}
@@ -463,7 +536,7 @@ def test_a_slow_client_is_cut_off_at_the_deadline(server):
             results[name] = (answer, time.monotonic() - started)
 
     body = json.dumps(chat_body()).encode()
-    headers = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    headers = f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
     threads = [
         threading.Thread(target=drip, args=("headers", b"", headers)),
         threading.Thread(target=drip, args=("body", headers, body)),
@@ -494,7 +567,9 @@ def test_200_idle_connections_do_not_stop_a_client(server):
 
 def test_a_content_length_larger_than_the_body_gets_a_408(server):
     with socket.create_connection((HOST, server.port), timeout=TIMEOUT) as sock:
-        sock.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"messages": []}')
+        sock.sendall(
+            b'POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"messages": []}'
+        )
         assert_answers(server)  # while it waits for the rest
         answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within" in answer
@@ -544,7 +619,8 @@ def test_a_client_leaving_mid_stream_stops_its_generation(sampler, monkeypatch):
     monkeypatch.setattr(sampler, "continue_from", slow)
     with ServerThread(sampler, ServeConfig(**{**LIMITS, "max_length": 2000}, request_timeout=TIMEOUT)) as srv:
         conn = http.client.HTTPConnection(HOST, srv.port, timeout=TIMEOUT)
-        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "a", "max_tokens": 2000, "stream": True, "seed": 1}))
+        body = json.dumps({"prompt": "a", "max_tokens": 2000, "stream": True, "seed": 1})
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
         response = conn.getresponse()
         assert response.status == 200 and response.read(6) == b"data: "
         conn.close()  # gone after one event
@@ -568,14 +644,23 @@ def test_a_conversation_is_bounded_in_all_not_per_message(trained_run):
         assert_answers(srv)
 
 
+def test_unknown_characters_are_told_to_the_client_and_never_pile_up_as_warnings(server):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(20):  # a distinct set of unknown characters each time
+            answer = request(server, "POST", "/v1/completions", {"prompt": f"the {chr(0x4E00 + i)} cat", "max_tokens": 2})
+            assert answer[0] == 200 and "never saw" in json.loads(answer[2])["warnings"][0]
+    assert [str(w.message) for w in caught] == []
+
+
 def _slow_reads(sampler, monkeypatch, seconds: float) -> list[str]:
     """Every piece a server reads takes ``seconds``; the pieces read so far."""
     read, real = [], sampler.read
 
-    def slow(text="", context=None, what="the prompt"):
+    def slow(text="", context=None, **options):
         time.sleep(seconds)
         read.append(text)
-        return real(text, context, what)
+        return real(text, context, **options)
 
     monkeypatch.setattr(sampler, "read", slow)
     return read

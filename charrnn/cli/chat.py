@@ -62,7 +62,7 @@ class LineEditing:
 
     The standard library's ``readline`` (GNU readline or libedit) does the editing once it
     is imported; this loads the history from the user's cache folder
-    (``~/.cache/charrnn/chat_history``) and writes it back when the chat ends. Piped input
+    (``~/.cache/charrnn/chat_history`` on Linux) and writes it back when the chat ends. Piped input
     and platforms without ``readline`` get plain ``input()``.
     """
 

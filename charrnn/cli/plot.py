@@ -27,7 +27,7 @@ def run(argv: list[str], prog: str = "charrnn-plot") -> int:
     args = build_parser(prog).parse_args(argv)
     out = plot_run(args.run_dir, args.out)
     if out is None:
-        raise CharRNNError("matplotlib is not installed: pip install 'charrnn[plot]' (or pip install matplotlib)")
+        raise CharRNNError("matplotlib is not installed: pip install 'charrnn-lm[plot]' (or pip install matplotlib)")
     print(f"wrote {out}")
     return 0
 

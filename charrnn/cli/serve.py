@@ -25,6 +25,7 @@ from .options import (
 )
 
 HELP = "serve a trained model over HTTP (the OpenAI API, and a chat page)"
+REPEATED = ("cors_origin", "allowed_host")  # fields given by a flag that repeats, added here rather than by add_fields
 
 
 def build_parser(prog: str = "charrnn-serve") -> argparse.ArgumentParser:
@@ -32,13 +33,13 @@ def build_parser(prog: str = "charrnn-serve") -> argparse.ArgumentParser:
         prog,
         "Serve a trained charrnn model over HTTP with the OpenAI protocol: GET /v1/models, POST /v1/completions, "
         'POST /v1/chat/completions (streamed as server-sent events with "stream": true), GET /health, and a chat '
-        "page at GET /. Needs the serve extra: pip install 'charrnn[serve]'.",
+        "page at GET /. Needs the serve extra: pip install 'charrnn-lm[serve]'.",
     )
     add_runtime_options(parser)
     add_fields(parser, ServeConfig, "server")
-    parser.add_argument(
-        "--cors-origin", action="append", default=[], help=ServeConfig.__dataclass_fields__["cors_origin"].metadata["help"]
-    )
+    for name in REPEATED:
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, action="append", default=[], help=ServeConfig.__dataclass_fields__[name].metadata["help"])
     add_template_options(parser, "chat template (how /v1/chat/completions writes messages into text)")
     return parser
 
@@ -49,24 +50,28 @@ def _serve_config(values: dict[str, Any]) -> ServeConfig:
         with fields_as_flags(ServeConfig):
             return pick(ServeConfig, values)
     except ConfigError as exc:
-        # --cors-origin is added here by hand (it repeats), so fields_as_flags does not know it as a flag.
+        # The repeated flags are added here by hand, so fields_as_flags does not know them as flags.
         message = str(exc)
-        if message.startswith("cors_origin "):
-            raise ConfigError("--cors-origin" + message.removeprefix("cors_origin")) from None
+        for name in REPEATED:
+            if message.startswith(name + " "):
+                raise ConfigError("--" + name.replace("_", "-") + message.removeprefix(name)) from None
         raise
 
 
 def run(argv: list[str], prog: str = "charrnn-serve") -> int:
     args = build_parser(prog).parse_args(argv)
     values = vars(args)
-    values["cors_origin"] = tuple(args.cors_origin)
+    for name in REPEATED:
+        values[name] = tuple(values[name])
     values["api_key"] = args.api_key if args.api_key is not None else os.environ.get("CHARRNN_API_KEY") or None
     config = _serve_config(values)  # checked before the model loads
     template = template_from(args)
     try:
         from ..serve import app
     except ImportError as exc:
-        raise ConfigError(f"charrnn serve needs the serve extra ({exc.name} is missing): pip install 'charrnn[serve]'") from None
+        raise ConfigError(
+            f"charrnn serve needs the serve extra ({exc.name} is missing): pip install 'charrnn-lm[serve]'"
+        ) from None
     checkpoint = chosen_checkpoint(args)
     if config.model_name is None:
         config = _serve_config({**values, "model_name": app.model_id_for(checkpoint)})

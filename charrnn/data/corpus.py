@@ -9,17 +9,15 @@ A corpus spec is one of
 from __future__ import annotations
 
 import codecs
-import hashlib
 import itertools
 import os
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from .._io import atomic_write, open_regular, sha256_file
-from ..errors import CorpusError
+from .._io import fsync_dir, open_regular, output_target, sha256_file
+from ..errors import CorpusError, HubError
+from ..hub import download_url
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -111,26 +109,35 @@ def shakespeare_path() -> Path:
 
 
 def download(url: str, dest: Path, sha256: str) -> None:
-    """Fetch ``url`` to ``dest`` atomically, keeping it only if its sha256 matches."""
-    digest = hashlib.sha256()
+    """Fetch ``url`` to ``dest``, keeping it only if its sha256 matches.
+
+    The bytes go to ``dest.part`` first, kept when a transfer is cut: the downloader retries
+    at once, and the next run asks only for what the part lacks (the Hub client writes in
+    pieces of 10 MB, so a file as small as Tiny Shakespeare is fetched again whole).
+    ``dest`` appears only whole and checked.
+    """
+    part = dest.with_name(dest.name + ".part")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(dest) as out:
+        with open(output_target(part), "ab") as out:  # output_target: never a FIFO or a device
             try:
-                with urllib.request.urlopen(url, timeout=30) as response:
-                    while chunk := response.read(1 << 20):
-                        out.write(chunk)
-                        digest.update(chunk)
-            except (urllib.error.URLError, OSError, ValueError) as exc:
+                download_url(url, out)
+            except HubError as exc:
                 raise CorpusError(
-                    f"could not download Tiny Shakespeare from {url} ({exc}); put the file at {dest} "
-                    f"(any copy of input.txt with sha256 {sha256}) and run again"
+                    f"could not download Tiny Shakespeare from {url} ({exc}); run again to resume it, or put the "
+                    f"file at {dest} (any copy of input.txt with sha256 {sha256})"
                 ) from None
-            if digest.hexdigest() != sha256:  # raised inside: the download is not kept
-                raise CorpusError(
-                    f"the file downloaded from {url} has sha256 {digest.hexdigest()}, expected {sha256}; "
-                    f"it was not kept. Put a correct copy at {dest}"
-                )
+            out.flush()
+            os.fsync(out.fileno())
+        digest = sha256_file(part)
+        if digest != sha256:
+            part.unlink()
+            raise CorpusError(
+                f"the file downloaded from {url} has sha256 {digest}, expected {sha256}; it was not kept. "
+                f"Run again to download it afresh, or put a correct copy at {dest}"
+            )
+        os.replace(part, output_target(dest))
+        fsync_dir(dest.parent)
     except OSError as exc:
         raise CorpusError(f"could not write {dest}: {exc.strerror or exc}; put the file there by hand") from None
 

@@ -15,8 +15,10 @@ and sampling runs on the torch ops of ``charrnn.generation.stepper``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -27,17 +29,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
-
 import torch
+from filelock import Timeout
 
+from .._io import os_lock
 from ..model import CELL_TABLE, CharRNN, State
 from .stepper import StateAfter, Weights, run_steps
+from .toolchain import KernelFlags, find_compiler, kernel_flags, no_openmp_hint
 
 SOURCE = Path(__file__).parent / "csrc" / "step.cpp"
+FLAGS_FILE = "charrnn-flags.json"  # beside a built kernel: the flags it was built with
 _kernel: ModuleType | None = None
 _failure: str | None = None
 _load_lock = threading.Lock()
@@ -66,6 +67,20 @@ def _writable(folder: Path) -> bool:
         return False
 
 
+def _saved_flags(build: Path) -> KernelFlags | None:
+    """The flags the kernel in ``build`` was built with (None: not recorded, or unreadable)."""
+    try:
+        saved = json.loads((build / FLAGS_FILE).read_text())
+        return KernelFlags(list(saved["cflags"]), list(saved["ldflags"]), bool(saved["openmp"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _save_flags(build: Path, flags: KernelFlags) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache: the next start chooses them again
+        (build / FLAGS_FILE).write_text(json.dumps(dataclasses.asdict(flags)))
+
+
 def _import_built(name: str, library: Path) -> ModuleType:
     """Import an already built kernel without touching its folder (no ninja, no lock files)."""
     spec = importlib.util.spec_from_file_location(name, library)
@@ -78,9 +93,12 @@ def _import_built(name: str, library: Path) -> ModuleType:
 
 def _hint(build: Path, failure: str) -> str:
     """What to do about a failed build: the fix for the cause that the error or the machine shows."""
-    compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
-    if "command not found" in failure or not any(c and shutil.which(c) for c in compilers):
-        return "Install a C++ compiler (g++ or clang) to get it"
+    compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++", "cl"]
+    if "command not found" in failure or "no C++ compiler" in failure or not any(c and shutil.which(c) for c in compilers):
+        return (
+            "Install a C++ compiler to get it (g++ or clang; on macOS `xcode-select --install`; on Windows the "
+            "Build Tools for Visual Studio)"
+        )
     if "ninja is required" in failure.lower():
         return "Install ninja (pip install ninja) to get it"
     if not _writable(build.parent if not build.exists() else build):
@@ -109,16 +127,31 @@ def load_kernel() -> ModuleType | None:
                 return _kernel
             from torch.utils.cpp_extension import load
 
+            compiler = find_compiler()
+            if compiler is None:
+                raise RuntimeError(f"no C++ compiler found: {os.environ.get('CXX') or 'c++'} is not on PATH")
             build.mkdir(parents=True, exist_ok=True)
-            flags = ["-O3", "-fopenmp", "-ffast-math"] + (
-                ["-march=native", "-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
-            )
             with _build_lock(build):
-                if not any(build.glob("*.so")):
+                # torch's builder rebuilds when the flags change: a built kernel is loaded with the flags it was built with.
+                flags = _saved_flags(build) if any(build.glob("*.so")) else None
+                if flags is None:
                     print("charrnn: compiling the sampling kernel for this CPU (once; about 30 s)", file=sys.stderr, flush=True)
+                    flags = kernel_flags(compiler)
+                    if not flags.openmp:
+                        print(
+                            f"charrnn: {compiler.version or compiler.command} has no OpenMP here, so the kernel is built "
+                            f"single-threaded (batches sample slower; one stream does not): {no_openmp_hint(compiler)}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                 _kernel = load(
-                    name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(build)
+                    name=name,
+                    sources=[str(SOURCE)],
+                    extra_cflags=flags.cflags,
+                    extra_ldflags=flags.ldflags,
+                    build_directory=str(build),
                 )
+                _save_flags(build, flags)
         except Exception as error:  # no compiler, no ninja, a failed build: fall back, say why once
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             _failure = "; ".join(([line for line in lines if "error" in line.lower()] or lines or [type(error).__name__])[:3])
@@ -137,33 +170,31 @@ def _build_lock(build: Path) -> Iterator[None]:
     and a build killed outright leaves the file behind, so every later start would hang.
     Every charrnn process takes this lock first, and the OS releases it when its holder
     dies: whoever holds it knows that no build is running, and that a ``lock`` file is stale.
-    A process that has to wait says so, rather than hang without a word.
+    A process that has to wait says so, rather than hang without a word. The lock is
+    ``charrnn._io.os_lock``.
     """
-    if fcntl is None:  # Windows: no flock, and torch's own lock is all there is
+    lock = os_lock(build / "charrnn.lock")
+    if lock is None:  # no OS lock here: torch's own lock file is all there is
         yield
         return
-    with open(build / "charrnn.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if any(build.glob("*.so")):  # built already: the holder only checks it, a moment's wait
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            else:
-                _say_and_wait(handle, build)
-
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if not any(build.glob("*.so")):  # built already: the holder only checks it, a moment's wait
+            print(
+                f"charrnn: waiting for another process that is compiling the sampling kernel in {build}",
+                file=sys.stderr,
+                flush=True,
+            )
+        lock.acquire()
+    try:
         stale = build / "lock"
         if stale.exists():
             stale.unlink()
             print(f"charrnn: removed the lock of a build that was killed: {stale}", file=sys.stderr, flush=True)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _say_and_wait(handle: object, build: Path) -> None:
-    print(f"charrnn: waiting for another process that is compiling the sampling kernel in {build}", file=sys.stderr, flush=True)
-    fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        lock.release()
 
 
 def has_tiles(kernel: ModuleType | None) -> bool:

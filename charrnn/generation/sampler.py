@@ -237,11 +237,12 @@ class Sampler:
         return self.tokenizer.chars
 
     # -- feeding text ----------------------------------------------------------------
-    def encode_prompt(self, text: str, allow_empty: bool = True, what: str = "the prompt") -> torch.Tensor:
+    def encode_prompt(self, text: str, allow_empty: bool = True, what: str = "the prompt", warn: bool = True) -> torch.Tensor:
         """Ids of ``text``, checked: bounded length, not made only of unknown characters.
 
-        Unknown characters map to ``<unk>`` with a warning naming them. An empty text
-        (where allowed) becomes a newline, the most neutral start a corpus has.
+        Unknown characters map to ``<unk>`` with a warning naming them (unless ``warn`` is
+        False: a server tells its client instead). An empty text (where allowed) becomes a
+        newline, the most neutral start a corpus has.
         """
         if len(text) > self.max_prompt_chars:
             raise PromptError(
@@ -253,7 +254,7 @@ class Sampler:
                 raise PromptError("the text is empty: give at least one character")
             text = "\n" if "\n" in self.tokenizer else self.tokenizer.chars[1]
         unknown = self.tokenizer.check_known(text, what)
-        if unknown:
+        if unknown and warn:
             warnings.warn(self.tokenizer.unknown_note(unknown), stacklevel=3)
         return torch.from_numpy(self.tokenizer.encode(text).astype(np.int64)).to(self.device)
 
@@ -267,14 +268,16 @@ class Sampler:
         return logits, hidden
 
     # -- the continuation API -------------------------------------------------------------
-    def read(self, text: str = "", context: Context | None = None, what: str = "the prompt") -> Context:
+    def read(self, text: str = "", context: Context | None = None, what: str = "the prompt", warn: bool = True) -> Context:
         """The context after reading ``text`` on from ``context`` (from the start when None).
 
         An empty ``text`` from the start reads as a newline; from a context it reads nothing.
+        ``warn``: as :meth:`encode_prompt`.
         """
         if context is not None and not text:
             return context
-        logits, hidden = self.feed(self.encode_prompt(text, what=what), None if context is None else context.hidden)
+        ids = self.encode_prompt(text, what=what, warn=warn)
+        logits, hidden = self.feed(ids, None if context is None else context.hidden)
         return Context(logits, hidden)
 
     def continue_from(

@@ -55,7 +55,7 @@ from ..config import SAMPLE_DEFAULTS
 from ..generation.chat import ChatTemplate, model_fingerprint
 from ..generation.sampler import Context, Sampler
 from .answers import Answer, sse
-from .http import Handler, check_api_key, json_app, json_response, protocol_class, read_body, request_deadline
+from .http import Handler, bears_api_key, check_api_key, json_app, json_response, protocol_class, read_body, request_deadline
 from .jobs import Job, chat_job, completion_job
 from .protocol import MAX_STOP_CHARS, MAX_STOPS, RequestError, parse_body
 from .settings import ServeConfig
@@ -107,11 +107,17 @@ class Server:
     async def chat_page(self, request: Request) -> Response:
         """``GET /``: the chat page."""
         # The page fetches nothing from anywhere else, and the policy makes sure of it.
-        policy = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:"
-        return Response(self.page, media_type="text/html; charset=utf-8", headers={"Content-Security-Policy": policy})
+        # frame-ancestors: no other site may show the page in a frame (and so trick a click on it).
+        policy = (
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+            "img-src data:; frame-ancestors 'none'"
+        )
+        headers = {"Content-Security-Policy": policy, "X-Frame-Options": "DENY"}
+        return Response(self.page, media_type="text/html; charset=utf-8", headers=headers)
 
     async def health(self, request: Request) -> Response:
-        """``GET /health``: the model, the template, the limits, the defaults, the cache and the load (no key needed)."""
+        """``GET /health``: the model, the template, the limits, the defaults (no key needed), and with the key,
+        if the server has one, the cache and the load (which say how busy it is and what was asked of it)."""
         config = self.config
         limits = {
             "max_length": config.max_length,
@@ -135,11 +141,13 @@ class Server:
                 "template": self.template.to_dict(),
                 "limits": limits,
                 "defaults": defaults,
-                "cache": self.cache.stats(),
-                "load": {"running": self.slots.running, "waiting": self.slots.waiting},
                 "auth": config.api_key is not None,
+                **(self._counters() if bears_api_key(request, config.api_key) else {}),
             },
         )
+
+    def _counters(self) -> dict[str, Any]:
+        return {"cache": self.cache.stats(), "load": {"running": self.slots.running, "waiting": self.slots.waiting}}
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "charrnn"}
@@ -209,7 +217,8 @@ class Server:
         self.cache.count(start > 0)
         for piece in pieces[start:]:  # the same reads, one per piece, as a miss makes: a hit changes nothing
             go_on()
-            context = self.sampler.read(piece, context)
+            # No warning: the answer tells its client of unknown characters (a warning per request would pile up).
+            context = self.sampler.read(piece, context, warn=False)
         if context is None:  # nothing to read: start as a prompt-less sample does
             context = self.sampler.read("")
         elif start < len(keys):

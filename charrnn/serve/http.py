@@ -1,5 +1,6 @@
 """The server's HTTP side: uvicorn's h11 protocol with a header deadline, routes for every
-method, CORS, the API key, the bounded body, and every answer (errors too) as JSON.
+method, the Host check (against DNS rebinding), CORS, the API key, the bounded JSON body,
+and every answer (errors too) as JSON.
 
 Nothing here knows about models or generation (``charrnn.serve.app`` does): a route is a
 path and a handler per method, and a handler's :class:`RequestError` is its answer.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -19,6 +21,7 @@ from typing import Any
 import anyio
 import h11
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
@@ -40,9 +43,9 @@ def json_response(status: int, payload: dict[str, Any], headers: dict[str, str] 
     return Response(body, status_code=int(status), headers=headers, media_type="application/json")
 
 
-def error_response(exc: RequestError, headers: dict[str, str] | None = None) -> Response:
-    """A refusal as OpenAI's error object; a 408 also closes the connection."""
-    if exc.status == HTTPStatus.REQUEST_TIMEOUT:  # a client too slow to finish its request gets no more time
+def error_response(exc: RequestError, headers: dict[str, str] | None = None, close: bool = False) -> Response:
+    """A refusal as OpenAI's error object; a 408 (or ``close``) also closes the connection."""
+    if close or exc.status == HTTPStatus.REQUEST_TIMEOUT:  # a client too slow to finish its request gets no more time
         headers = {**(headers or {}), "Connection": "close"}
     return json_response(exc.status, exc.body(), headers)
 
@@ -54,7 +57,7 @@ def _raw_json(status: HTTPStatus, message: str) -> bytes:
     body = json.dumps(error_body(status, message)).encode() + b"\n"
     head = (
         f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        f"content-length: {len(body)}\r\nx-content-type-options: nosniff\r\nconnection: close\r\n\r\n"
     )
     return head.encode() + body
 
@@ -138,20 +141,57 @@ class _AnyMethod(Route):
 
 def json_app(routes: dict[str, dict[str, Handler]], config: ServeConfig) -> Starlette:
     """The Starlette app of ``routes`` (path -> method -> handler), with OPTIONS, HEAD, CORS,
-    a JSON 405 for a method a path does not take and a JSON 404 for any other path."""
+    a JSON 405 for a method a path does not take and a JSON 404 for any other path (also for
+    a target no route can match: ``*``, an absolute URI)."""
     return Starlette(
         routes=[_AnyMethod(path, _endpoint(path, handlers, config)) for path, handlers in routes.items()]
-        + [_AnyMethod("/{path:path}", _not_found)]
+        + [_AnyMethod("/{path:path}", _endpoint("", {}, config, _not_found))],
+        exception_handlers={HTTPException: _http_exception},
     )
 
 
-def _endpoint(path: str, handlers: dict[str, Handler], config: ServeConfig) -> Handler:
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (a request target that is not a path), in JSON."""
+    status = exc.status_code if isinstance(exc, HTTPException) else HTTPStatus.INTERNAL_SERVER_ERROR
+    message = "the request target is not a path on this server: use POST /v1/chat/completions, POST /v1/completions"
+    return _secured(error_response(RequestError(status, message, code="not_found"), close=True))
+
+
+def _secured(response: Response) -> Response:
+    response.headers["X-Content-Type-Options"] = "nosniff"  # a JSON answer is never run as a script or page
+    return response
+
+
+def _refusal(request: Request, config: ServeConfig) -> RequestError | None:
+    """What every request is checked for before its route: a Host this server answers to, one body framing."""
+    host = request.headers.get("host")
+    if host is not None and not host_allowed(host, config.allowed_host):
+        return RequestError(
+            HTTPStatus.MISDIRECTED_REQUEST,
+            f"this server does not answer to the host {ascii(host[:80])}: call it by its address (http://127.0.0.1:PORT), "
+            "or start it with --allowed-host NAME",
+            code="host_not_allowed",
+        )
+    if "content-length" in request.headers and "transfer-encoding" in request.headers:
+        return RequestError(
+            HTTPStatus.BAD_REQUEST,
+            "a request may not have both Content-Length and Transfer-Encoding: send one of them",
+            code="invalid_request",
+        )
+    return None
+
+
+def _endpoint(path: str, handlers: dict[str, Handler], config: ServeConfig, fallback: Handler | None = None) -> Handler:
     allowed = sorted({*handlers, "OPTIONS", *(["HEAD"] if "GET" in handlers else [])})
 
     async def endpoint(request: Request) -> Response:
         method = request.method
         origin = allowed_origin(request, config.cors_origin)
-        if method == "OPTIONS":
+        if (refusal := _refusal(request, config)) is not None:
+            return _secured(error_response(refusal, close=True))
+        if fallback is not None:
+            response = await fallback(request)
+        elif method == "OPTIONS":
             response = _options(path, allowed, cors=origin is not None)
         elif (handler := handlers.get("GET" if method == "HEAD" else method)) is None:
             message = f"{request.url.path} takes {' or '.join(sorted(handlers))}, not {method}"
@@ -162,7 +202,7 @@ def _endpoint(path: str, handlers: dict[str, Handler], config: ServeConfig) -> H
         if origin is not None:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
-        return response
+        return _secured(response)
 
     return endpoint
 
@@ -204,6 +244,25 @@ async def _not_found(request: Request) -> Response:
 # --- what a handler checks: the origin, the key, the deadline, the body -----------------------------
 
 
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a request naming ``host`` (its Host header) is answered: an IP address, localhost, or a name in ``allowed``.
+
+    A page that rebinds its own domain to 127.0.0.1 still sends that domain as the Host,
+    so answering only addresses and localhost names keeps such pages out.
+    """
+    if "*" in allowed:
+        return True
+    name = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+    name = name.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost") or name in (h.lower().rstrip(".") for h in allowed):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def allowed_origin(request: Request, origins: tuple[str, ...]) -> str | None:
     """The ``Access-Control-Allow-Origin`` for this request (None: no CORS headers)."""
     origin = request.headers.get("origin")
@@ -214,14 +273,18 @@ def allowed_origin(request: Request, origins: tuple[str, ...]) -> str | None:
     return origin if origin in origins else None
 
 
-def check_api_key(request: Request, key: str | None) -> None:
-    """A 401 unless the request bears ``key`` (``Authorization: Bearer KEY``); nothing to check without one."""
+def bears_api_key(request: Request, key: str | None) -> bool:
+    """Whether the request bears ``key`` (``Authorization: Bearer KEY``); any request does where there is none."""
     if key is None:
-        return
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
+        return True
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
     # compare_digest: how long the comparison takes says nothing of how much of the key was right.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("utf-8", "replace"), key.encode())
+
+
+def check_api_key(request: Request, key: str | None) -> None:
+    """A 401 unless the request bears ``key``; nothing to check without one."""
+    if not bears_api_key(request, key):
         raise RequestError(
             HTTPStatus.UNAUTHORIZED,
             "this server needs an API key: send 'Authorization: Bearer KEY' (the key charrnn serve was given)",
@@ -236,8 +299,16 @@ def request_deadline(request: Request, timeout: float) -> float:
 
 
 async def read_body(request: Request, config: ServeConfig, deadline: float) -> bytes:
-    """The body, its size bound enforced while reading (413, whatever Content-Length says),
+    """The body, declared as JSON (415 otherwise: a web page's form cannot send it without
+    asking first), its size bound enforced while reading (413, whatever Content-Length says),
     within the request's deadline (408, and the connection closed)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise RequestError(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            f"the body must be JSON sent as Content-Type: application/json, not {ascii(media_type or 'none')}",
+            code="unsupported_media_type",
+        )
     limit = config.max_body_bytes
     declared = request.headers.get("content-length")
     too_large = f"the body is over this server's limit of {limit:,} bytes: send less"

@@ -34,6 +34,14 @@ class ServeConfig:
     cors_origin: tuple[str, ...] = field(
         default=(), metadata=_help("let pages from this origin call the API (repeatable; * for any)", cli=False)
     )
+    allowed_host: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "also answer requests whose Host is this name (repeatable; * for any); by default only IP addresses "
+            "and localhost names are answered, so a web page cannot reach the server by DNS rebinding",
+            cli=False,
+        ),
+    )
     model_name: str | None = field(default=None, metadata=_help("the model id /v1/models lists (default: the run's folder)"))
     max_length: int = field(default=2000, metadata=_help("most characters one reply may have (max_tokens above it: 400)"))
     default_length: int | None = field(
@@ -81,12 +89,20 @@ class ServeConfig:
             (self.cache_bytes >= 0, f"cache_bytes must be >= 0, got {self.cache_bytes}"),
             (self.backlog >= 1, f"backlog must be at least 1, got {self.backlog}"),
             (self.api_key is None or self.api_key.strip() != "", "api_key must not be empty: give a key or leave it out"),
+            (
+                self.api_key is None or (self.api_key.isascii() and self.api_key.isprintable() and " " not in self.api_key),
+                "api_key must be printable ASCII without spaces (an HTTP header carries nothing else): choose another key",
+            ),
         )
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         if not isinstance(self.cors_origin, tuple) or not all(isinstance(o, str) and o for o in self.cors_origin):
             raise ConfigError("cors_origin must be an origin such as http://localhost:3000, or *")
+        if not isinstance(self.allowed_host, tuple) or not all(
+            isinstance(h, str) and h and h.isascii() and ":" not in h and "/" not in h for h in self.allowed_host
+        ):
+            raise ConfigError("allowed_host must be a host name such as charrnn.example.org (no port, no scheme), or *")
 
     @property
     def loopback(self) -> bool:

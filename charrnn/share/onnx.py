@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._io import atomic_write
+from .._io import MAX_JSON_BYTES, atomic_write, output_target, read_bytes
 from ..checkpoint import TOKENIZER_FILE, load_checkpoint, resolve_checkpoint
 from ..errors import CheckpointError, ExportError
 from ..model import CELL_TABLE, CharRNN, State
@@ -65,7 +64,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> Export:
         import onnx  # noqa: F401  (the exporter needs both; say so before it fails deep inside)
         import onnxscript  # noqa: F401
     except ImportError:
-        raise ExportError("ONNX export needs the onnx and onnxscript packages: pip install 'charrnn[onnx]'") from None
+        raise ExportError("ONNX export needs the onnx and onnxscript packages: pip install 'charrnn-lm[onnx]'") from None
     ckpt = load_checkpoint(checkpoint, "cpu")
     model = ckpt.model.float().eval()
     config = model.config
@@ -75,6 +74,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> Export:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"cannot create --out {folder}: {exc.strerror or exc}") from None
+    for name in (ONNX_FILE, VOCAB_FILE, TOKENIZER_FILE):  # all three checked before any is written
+        try:
+            output_target(folder / name)
+        except OSError as exc:
+            raise ExportError(f"cannot write {folder / name}: {exc.strerror or exc}; choose another --out") from None
 
     step = OneStep(model).eval()
     zeros = State.zeros(config.n_layers, 2, config.hidden_size, CELL_TABLE[config.cell].has_cell_state)
@@ -112,7 +116,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> Export:
     try:
         with atomic_write(folder / VOCAB_FILE, "w", encoding="utf-8") as f:
             json.dump(vocab, f, indent=2, ensure_ascii=False)
-        shutil.copyfile(ckpt.path / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+        with atomic_write(folder / TOKENIZER_FILE) as f:  # the checkpoint's own bytes (checked when it loaded)
+            f.write(read_bytes(ckpt.path / TOKENIZER_FILE, MAX_JSON_BYTES))
     except OSError as exc:
         raise ExportError(f"cannot write into {folder}: {exc.strerror or exc}") from None
     return Export(folder, target, folder / VOCAB_FILE)

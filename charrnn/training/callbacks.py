@@ -241,7 +241,7 @@ class TensorBoardLog(Callback):
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise TrainingError(
-                "--log tensorboard needs the tensorboard package: pip install 'charrnn[tensorboard]' (or pip install tensorboard)"
+                "--log tensorboard needs the tensorboard package: pip install 'charrnn-lm[tensorboard]' (or pip install tensorboard)"
             ) from None
         self._writer_class = SummaryWriter
         self.preview = preview

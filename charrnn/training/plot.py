@@ -6,7 +6,7 @@ one per evaluation (``{"step", "val_loss", "val_bpc", "elapsed"}``) to
 against steps, loss against training time), the training loss faint with a moving
 average over it and the validation loss as points joined by a line.
 
-matplotlib is an optional extra (``pip install 'charrnn[plot]'``): without it,
+matplotlib is an optional extra (``pip install 'charrnn-lm[plot]'``): without it,
 :func:`plot_run` returns None and does nothing. Figures are drawn on the Agg canvas
 directly, without pyplot, so plotting never changes the caller's matplotlib backend
 and needs no display.

@@ -10,6 +10,7 @@ improved, ``best`` (what sampling needs).
 
 from __future__ import annotations
 
+import gc
 import math
 import signal
 import time
@@ -461,8 +462,10 @@ def train(
     Under ``torchrun`` every process calls this; they train together with DDP.
     """
     dist = Distributed.from_env()
+    trainer = None
     try:
-        return Trainer(config, model_config, explicit, callbacks, preview).run()
+        trainer = Trainer(config, model_config, explicit, callbacks, preview)
+        return trainer.run()
     except CharRNNError as exc:
         # A user's mistake (a corpus gone, a bad flag, a full disk) meets every restart again:
         # end the torchrun job with its message rather than restart it --max-restarts times.
@@ -471,4 +474,9 @@ def train(
             warn("warning: ended the torchrun job instead of restarting it: a restart would meet the error below again")
         raise
     finally:
+        # The DDP wrapper (its reducer holds the gloo backend and tensors with Python references) is
+        # freed here, reference cycles too, while the interpreter is whole: left to the end of the
+        # process, gloo's threads released those tensors during finalization and aborted rank 0 (SIGABRT).
+        del trainer
+        gc.collect()
         dist.stop()
