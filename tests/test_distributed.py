@@ -134,6 +134,35 @@ def test_ddp_saved_weights_match_one_process(ddp_runs, small_corpus_file, subpro
     assert all(torch.isfinite(p).all() for p in ckpt.model.parameters())
 
 
+def test_nothing_of_ddp_outlives_the_process_group(small_corpus_file, subprocess_env, tmp_path):
+    """The DDP wrapper holds the gloo backend: left alive past destroy_process_group (a reference cycle of
+    the trainer did that), its threads were torn down at interpreter exit and aborted a rank (SIGABRT)."""
+    script = tmp_path / "alive.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import gc, os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+        from charrnn.cli.train import main as train_main
+        assert train_main() == 0
+        alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())  # no collection first
+        print(f"rank {{os.environ['RANK']}}: group destroyed {{not dist.is_initialized()}}, DDP wrappers alive {{alive}}")
+    """)
+    )
+    job = run_python(
+        torchrun(script, "--data", small_corpus_file, *FLAGS, "--max-iters", "10", "--out", tmp_path / "run"),
+        subprocess_env,
+        REPO,
+        timeout=180,
+    )
+    assert job.returncode == 0, job.stderr
+    assert sorted(line for line in job.stdout.splitlines() if line.startswith("rank ")) == [
+        "rank 0: group destroyed True, DDP wrappers alive 0",
+        "rank 1: group destroyed True, DDP wrappers alive 0",
+    ]
+
+
 def test_a_failing_rank_ends_the_job_with_its_message(small_corpus_file, subprocess_env, tmp_path):
     """Rank 1 fails at step 3; the job must end (no deadlock) and show why."""
     script = tmp_path / "failing_rank.py"
