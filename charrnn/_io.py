@@ -277,7 +277,7 @@ def user_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("charrnn", appauthor=False))
 
 
-LOCK_FILE = ".charrnn.lock"  # in a folder charrnn writes to, while it does
+LOCK_FILE = ".charrnn.lock"  # where a folder cannot be locked itself (Windows), while charrnn writes to it
 
 
 class FolderBusyError(OSError):
@@ -297,17 +297,39 @@ def os_lock(path: Path) -> Any:
 def folder_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive OS lock on ``folder`` for the ``with`` block.
 
-    :func:`os_lock` on ``folder/.charrnn.lock``: a crashed run never leaves a stale lock
-    (the empty file may stay). Raises ``FolderBusyError`` when another process holds it,
-    and ``OSError`` for a folder this process cannot write to (read-only, no permission).
-    Where the OS has no such lock, nothing is locked.
+    The OS releases it when its holder exits or is killed, so a crashed run never leaves
+    a stale lock. Where ``flock`` exists (Linux, macOS) it locks the folder itself and
+    leaves no file behind, not even in a folder that turns out not to be ours; elsewhere
+    (Windows) it is :func:`os_lock` on ``folder/.charrnn.lock``, which filelock deletes on
+    release. Raises ``FolderBusyError`` when another process holds it, and ``OSError``
+    for a folder this process cannot write to (read-only, no permission).
     """
-    from filelock import Timeout
-
     if not os.access(folder, os.W_OK):
         raise OSError(errno.EACCES, "it is read-only for this user (or on a read-only file system)")
-    lock = os_lock(folder / LOCK_FILE)
-    if lock is None:
+    try:
+        import fcntl
+    except ImportError:  # not on Linux or macOS
+        with _file_lock(folder / LOCK_FILE):
+            yield
+        return
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusyError(errno.EBUSY, "another process holds its lock") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """:func:`os_lock` on ``path``, taken without waiting, for the ``with`` block."""
+    from filelock import Timeout
+
+    lock = os_lock(path)
+    if lock is None:  # no OS lock at all: nothing is locked
         yield
         return
     try:

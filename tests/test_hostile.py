@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from conftest import PYTHON, SAMPLE_SCRIPT, TINY_TRAIN_FLAGS, TRAIN_SCRIPT, tiny_model_config, tiny_train_config
 
-from charrnn._io import folder_lock
+from charrnn._io import LOCK_FILE, _file_lock, folder_lock
 from charrnn.data.token_cache import TOKENS_FILE, cache_folder, corpus_tokens
 from charrnn.training.trainer import train
 
@@ -294,21 +294,30 @@ def test_a_run_directory_takes_one_training_at_a_time_and_read_only_ones_get_a_s
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_the_run_lock_dies_with_its_holder(tmp_path):
+def _run_lock(kind: str, folder: Path):
+    """The folder itself where flock exists; the lock file that stands in for it elsewhere (Windows)."""
+    return folder_lock(folder) if kind == "folder" else _file_lock(folder / LOCK_FILE)
+
+
+@pytest.mark.parametrize("kind", ["folder", "lock file"])
+def test_the_run_lock_dies_with_its_holder(tmp_path, kind):
     holder = subprocess.Popen(
-        [PYTHON, "-c", "import sys, time, pathlib; from charrnn._io import folder_lock\n"
-         "with folder_lock(pathlib.Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)", str(tmp_path)],
+        [PYTHON, "-c", "import sys, time, pathlib; sys.path.insert(0, sys.argv[2]); from test_hostile import _run_lock\n"
+         "with _run_lock(sys.argv[3], pathlib.Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)",
+         str(tmp_path), str(Path(__file__).parent), kind],
         stdout=subprocess.PIPE,
         text=True,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(OSError, match="another process holds its lock"), folder_lock(tmp_path):
+        with pytest.raises(OSError, match="another process holds its lock"), _run_lock(kind, tmp_path):
             pass
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
-        with folder_lock(tmp_path):  # no stale lock after kill -9
+        with _run_lock(kind, tmp_path):  # no stale lock after kill -9
             pass
+        if kind == "folder":
+            assert list(tmp_path.iterdir()) == []  # and nothing left in the folder
     finally:
         holder.kill()
         holder.wait()
