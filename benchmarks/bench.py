@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from charrnn.config import ModelConfig, TrainConfig  # noqa: E402
 from charrnn.data.corpus import load_corpus  # noqa: E402
-from charrnn.data.streams import BatchStreams, StreamPosition, split_tokens  # noqa: E402
+from charrnn.data.splits import split_tokens  # noqa: E402
+from charrnn.data.streams import BatchStreams, StreamPosition  # noqa: E402
 from charrnn.data.token_cache import corpus_tokens  # noqa: E402
 from charrnn.evaluation import evaluate  # noqa: E402
 from charrnn.generation.sampler import Sampler, load  # noqa: E402

@@ -160,7 +160,14 @@ class TrainConfig:
         default="shakespeare",
         metadata=field_help("corpus: 'shakespeare', a .txt file, a folder of text files, or hf:OWNER/NAME"),
     )
-    hf_split: str = field(default="train", metadata=field_help("split of an hf: dataset"))
+    val_data: str | None = field(
+        default=None,
+        metadata=field_help(
+            "validate on all of this text (a file, a folder or hf:OWNER/NAME), and train on all of --data "
+            "(default: the last 10%% of --data, of each file for a folder; an hf: dataset's own validation split)"
+        ),
+    )
+    hf_split: str = field(default="train", metadata=field_help("split of an hf: dataset to train on"))
     hf_column: str | None = field(
         default=None, metadata=field_help("text column of an hf: dataset (default: 'text' or the only string column)")
     )

@@ -15,7 +15,8 @@ import torch
 from conftest import make_text, tiny_model_config, tiny_train_config
 
 from charrnn.data.corpus import SHAKESPEARE_SHA256, iter_corpus, load_corpus, shakespeare_path
-from charrnn.data.streams import BatchStreams, StreamPosition, split_tokens
+from charrnn.data.splits import split_tokens
+from charrnn.data.streams import BatchStreams, StreamPosition
 from charrnn.errors import CorpusError
 from charrnn.tokenizer import CharTokenizer
 from charrnn.training.trainer import Trainer

@@ -76,6 +76,10 @@ def test_push_uploads_best_with_a_model_card_private_by_default(hub, trained_run
     sample = charrnn.load(trained_run.best, device="cpu").generate("\n", length=400, temperature=0.8, seed=1)
     assert sample.strip("\n")[:200] in card.text  # a real sample of this model
     assert f'charrnn.load("hf:{REPO_ID}")' in card.text and "nats/char" in card.text
+    # What it trained on, by name only (no local folders), with the sha256 of the text read.
+    source = meta["data"]["sources"][0]
+    assert f"| `tiny.txt` | 8,000 | 1 | `{source['sha256']}` |" in card.text
+    assert "Validated on the last 10% of the corpus." in card.text and str(trained_run.best.parent) not in card.text
 
 
 def test_a_downloaded_checkpoint_writes_what_the_local_one_writes(hub, trained_run):

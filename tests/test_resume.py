@@ -16,7 +16,8 @@ from conftest import REPO, TINY_TRAIN_FLAGS, run_python, tiny_model_config, tiny
 from safetensors.torch import load_file
 
 from charrnn.checkpoint import load_checkpoint
-from charrnn.data.streams import BatchStreams, split_tokens
+from charrnn.data.splits import split_tokens
+from charrnn.data.streams import BatchStreams
 from charrnn.errors import CheckpointError
 from charrnn.tokenizer import CharTokenizer
 from charrnn.training.callbacks import Callback, MetricsLog

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 
 from .._io import read_text_file
 from ..checkpoint import load_checkpoint
-from ..data.corpus import load_corpus
-from ..data.streams import TRAIN_FRACTION
+from ..data.splits import read_run_data
 from ..device import resolve_device
 from ..errors import CorpusError
 from ..evaluation import DYNAMIC_LR, LN2
@@ -74,8 +73,20 @@ def run(argv: list[str], prog: str = "charrnn score") -> int:
     ckpt = load_checkpoint(chosen_checkpoint(args), device)
     if not texts:
         train = ckpt.meta.get("train", {})
-        corpus = load_corpus(train.get("data", "shakespeare"), train.get("hf_split", "train"), train.get("hf_column"))
-        texts = [(f"the validation split of {train.get('data')!r}", corpus[int(len(corpus) * TRAIN_FRACTION) :])]
+        data = read_run_data(
+            train.get("data", "shakespeare"),
+            train.get("hf_split", "train"),
+            train.get("hf_column"),
+            train.get("val_data"),
+            tokenizer=ckpt.tokenizer,
+        )
+        val = data.split.val
+        texts = [
+            (
+                f"the validation split of {train.get('data')!r} ({data.split.validates})",
+                ckpt.tokenizer.decode(val[0 : len(val)].tolist()),
+            )
+        ]
     longest = max(len(text) for _, text in texts)
     sampler = Sampler(ckpt.model, ckpt.tokenizer, device, max_prompt_chars=max(longest, 1), kernel=False)
     report = score_texts(sampler, texts, dynamic=args.dynamic, dynamic_lr=args.dynamic_lr)

@@ -200,6 +200,20 @@ def _iter_file(path: Path, allow_empty: bool = False) -> Iterator[str]:
         raise CorpusError(f"{path} is empty: give a corpus with some text in it")
 
 
+VALIDATION_SPLITS = ("validation", "test")  # a dataset's own held-out splits, in the order taken
+
+
+def hf_held_out_split(name: str, train_split: str) -> str | None:
+    """The dataset's own ``validation`` split (or ``test``, where it has none) other than ``train_split``; None if neither."""
+    try:
+        import datasets
+
+        names = datasets.get_dataset_split_names(name)
+    except Exception:  # unreachable or unreadable here: loading it names the problem
+        return None
+    return next((s for s in VALIDATION_SPLITS if s in names and s != train_split), None)
+
+
 def iter_hf_dataset(name: str, split: str = "train", column: str | None = None) -> Iterator[str]:
     """Rows of a Hugging Face dataset (a hub name or a local dataset folder), joined by newlines.
 

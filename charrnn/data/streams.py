@@ -8,14 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import CorpusError
-
-TRAIN_FRACTION = 0.9
-
-
-def split_tokens(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """First 90% for training, last 10% for validation (the nanoGPT shakespeare_char split)."""
-    n = int(len(tokens) * TRAIN_FRACTION)
-    return tokens[:n], tokens[n:]
+from .splits import Tokens
 
 
 @dataclass(frozen=True)
@@ -44,7 +37,7 @@ class BatchStreams:
     ``rows`` selects a contiguous block of rows (one rank's share under DDP).
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rows: slice | None = None):
+    def __init__(self, tokens: Tokens, batch_size: int, seq_len: int, seed: int, rows: slice | None = None):
         self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
         self.rows = rows or slice(0, batch_size)
         needed = batch_size * seq_len + seq_len
@@ -71,13 +64,10 @@ class BatchStreams:
     def get(self, pos: StreamPosition) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets of the batch at ``pos``, each (rows, seq_len) int64."""
         off, length, t = self._offset(pos.epoch), self._row_length(pos.epoch), self.seq_len
-        span = self.batch_size * length
-        inputs = self.tokens[off : off + span].reshape(self.batch_size, length)
-        targets = self.tokens[off + 1 : off + 1 + span].reshape(self.batch_size, length)
-        cols = slice(pos.index * t, (pos.index + 1) * t)
-        x = torch.from_numpy(inputs[self.rows, cols].astype(np.int64))
-        y = torch.from_numpy(targets[self.rows, cols].astype(np.int64))
-        return x, y
+        # Row r of the layout starts at off + r * length; only this batch's windows are read.
+        starts = off + np.arange(self.batch_size)[self.rows] * length + pos.index * t
+        window = np.asarray(self.tokens[starts[:, None] + np.arange(t + 1)]).astype(np.int64)
+        return torch.from_numpy(window[:, :-1].copy()), torch.from_numpy(window[:, 1:].copy())
 
     def next(self, pos: StreamPosition) -> StreamPosition:
         """The position after ``pos``; past the last batch, the start of the next epoch."""

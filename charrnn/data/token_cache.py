@@ -18,6 +18,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from ..errors import CorpusError
 from ..tokenizer import CharTokenizer, is_surrogate
 from .corpus import corpus_files, data_dir, iter_hf_dataset, read_files
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each file's length and the text's sha256 are kept
 TOKENS_FILE = "tokens.bin"
 VOCAB_FILE = "tokenizer.json"
 META_FILE = "meta.json"
@@ -81,6 +82,21 @@ def grown_vocabulary(base: CharTokenizer, counts: Counter, max_vocab: int = 0) -
     return CharTokenizer(base.chars[1:] + sorted(new))
 
 
+@dataclass(frozen=True)
+class EncodedCorpus:
+    """A corpus as its token cache holds it.
+
+    ``pieces`` are the token counts of its files in reading order (one piece for a file or
+    an ``hf:`` split), so that each file can be split on its own; ``sha256`` is the digest
+    of the UTF-8 text read (a folder's files joined as :func:`read_files` joins them).
+    """
+
+    tokens: np.ndarray
+    tokenizer: CharTokenizer
+    pieces: tuple[int, ...]
+    sha256: str
+
+
 def corpus_tokens(
     spec: str,
     hf_split: str = "train",
@@ -89,21 +105,44 @@ def corpus_tokens(
     max_vocab: int = 0,
     grow_from: CharTokenizer | None = None,
 ) -> tuple[np.ndarray, CharTokenizer]:
-    """The corpus as a read-only memory-mapped token array, and its vocabulary.
+    """The corpus as a read-only memory-mapped token array, and its vocabulary (see :func:`encode_corpus`)."""
+    encoded = encode_corpus(spec, hf_split, hf_column, tokenizer, max_vocab, grow_from)
+    return encoded.tokens, encoded.tokenizer
 
-    With ``tokenizer`` (a resumed run), the corpus is encoded with that vocabulary;
-    with ``grow_from`` (a fine-tuned run), with that vocabulary followed by the corpus's
-    characters it lacks (see :func:`grown_vocabulary`); otherwise the vocabulary is the
-    corpus's own, cut to ``max_vocab`` characters if set.
+
+def encode_corpus(
+    spec: str,
+    hf_split: str = "train",
+    hf_column: str | None = None,
+    tokenizer: CharTokenizer | None = None,
+    max_vocab: int = 0,
+    grow_from: CharTokenizer | None = None,
+) -> EncodedCorpus:
+    """The corpus's token cache, encoded now unless a matching one is there.
+
+    With ``tokenizer`` (a resumed run, or a validation text read with the training
+    vocabulary), the corpus is encoded with that vocabulary; with ``grow_from`` (a
+    fine-tuned run), with that vocabulary followed by the corpus's characters it lacks
+    (see :func:`grown_vocabulary`); otherwise the vocabulary is the corpus's own, cut to
+    ``max_vocab`` characters if set.
     """
     # A local corpus is resolved once: a folder is scanned (and its binary files reported) once.
     hf = spec.startswith("hf:")
     files = [] if hf else corpus_files(spec)
+    folder_spec = not hf and Path(spec).expanduser().is_dir()
+
+    def pieces() -> Iterator[Iterator[str]]:
+        """The corpus's text, one chunk iterator per file (a folder's files each end a line)."""
+        if hf:
+            yield iter_hf_dataset(spec[3:], hf_split, hf_column)
+        elif folder_spec:
+            yield from (read_files([path], folder=True) for path in files)
+        else:
+            yield read_files(files, folder=False)
 
     def chunks() -> Iterator[str]:
-        if hf:
-            return iter_hf_dataset(spec[3:], hf_split, hf_column)
-        return read_files(files, folder=Path(spec).expanduser().is_dir())
+        for piece in pieces():
+            yield from piece
 
     source, total_bytes = _source_key(spec, hf_split, hf_column, files)
     if tokenizer is not None:
@@ -124,7 +163,7 @@ def corpus_tokens(
         tokenizer = CharTokenizer.from_counts(count_characters(chunks()), max_vocab)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META_FILE).unlink(missing_ok=True)  # the old cache is invalid from here on
-    n = 0
+    lengths, digest = [], hashlib.sha256()
     bar = tqdm(
         total=total_bytes or None,
         unit="B",
@@ -135,14 +174,25 @@ def corpus_tokens(
     )
     try:
         with atomic_write(folder / TOKENS_FILE) as out:
-            for chunk in chunks():
-                ids = tokenizer.encode(chunk)
-                out.write(ids.tobytes())
-                n += len(ids)
-                if not bar.disable:
-                    bar.update(len(chunk.encode("utf-8")))
+            for piece in pieces():
+                lengths.append(0)
+                for chunk in piece:
+                    ids = tokenizer.encode(chunk)
+                    out.write(ids.tobytes())
+                    lengths[-1] += len(ids)
+                    data = chunk.encode("utf-8", errors="surrogatepass")
+                    digest.update(data)
+                    if not bar.disable:
+                        bar.update(len(data))
         tokenizer.save(folder / VOCAB_FILE)
-        meta = {"key": key, "n_tokens": n, "dtype": np.dtype(tokenizer.token_dtype).name}
+        n = sum(lengths)
+        meta = {
+            "key": key,
+            "n_tokens": n,
+            "dtype": np.dtype(tokenizer.token_dtype).name,
+            "pieces": lengths,
+            "sha256": digest.hexdigest(),
+        }
         with atomic_write(folder / META_FILE, "w", encoding="utf-8") as f:  # written last: its presence means the cache is whole
             f.write(json.dumps(meta))
     except OSError as exc:
@@ -154,7 +204,7 @@ def corpus_tokens(
     return _open_cache(folder, key)
 
 
-def _open_cache(folder: Path, key: str) -> tuple[np.ndarray, CharTokenizer] | None:
+def _open_cache(folder: Path, key: str) -> EncodedCorpus | None:
     """The cached tokens and vocabulary, or None when the cache is missing, stale or damaged.
 
     A damaged cache is encoded again, never trusted: the metadata is type-checked, the
@@ -166,8 +216,13 @@ def _open_cache(folder: Path, key: str) -> tuple[np.ndarray, CharTokenizer] | No
         if not isinstance(meta, dict) or meta.get("key") != key:
             return None
         n_tokens, dtype = meta["n_tokens"], np.dtype(meta["dtype"])
+        pieces, digest = meta["pieces"], meta["sha256"]
         if type(n_tokens) is not int or n_tokens < 0 or dtype.name not in _TOKEN_DTYPES:
             raise ValueError("bad metadata")
+        if not isinstance(pieces, list) or any(type(p) is not int or p < 0 for p in pieces) or sum(pieces) != n_tokens:
+            raise ValueError("bad file lengths")
+        if not isinstance(digest, str):
+            raise ValueError("bad digest")
         tokenizer = CharTokenizer.load(folder / VOCAB_FILE)
         with open_regular(folder / TOKENS_FILE) as f:
             if os.fstat(f.fileno()).st_size != n_tokens * dtype.itemsize:
@@ -179,4 +234,4 @@ def _open_cache(folder: Path, key: str) -> tuple[np.ndarray, CharTokenizer] | No
         if (folder / META_FILE).exists():
             print(f"note: the token cache in {folder} is damaged ({exc}); encoding the corpus again", file=sys.stderr)
         return None  # missing or damaged: encode again
-    return tokens, tokenizer
+    return EncodedCorpus(tokens, tokenizer, tuple(pieces), digest)

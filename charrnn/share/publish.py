@@ -46,8 +46,17 @@ charrnn on {{ corpus_title }}.
 | --- | --- |
 | corpus | {{ corpus_title }} |
 | model | {{ cell }} {{ n_layers }}x{{ hidden_size }}, embedding {{ embedding_size }}, {{ parameters }} parameters |
-| validation loss | {{ val_loss }} nats/char ({{ val_bpc }} bits/char) on the last 10% of the corpus |
+| validation loss | {{ val_loss }} nats/char ({{ val_bpc }} bits/char) on {{ validated_on }} |
 | training | {{ steps }} steps, {{ training_time }} of training ({{ dtype }}) |
+{% if data_rows %}
+## Data
+
+| source | characters | files | sha256 of the text read |
+| --- | --- | --- | --- |
+{% for row in data_rows %}| {{ row }} |
+{% endfor %}
+Validated on {{ validated_on }}.
+{% endif %}
 
 ## A sample
 
@@ -91,6 +100,29 @@ def _duration(seconds: float | None) -> str:
     return f"{hours} h {minutes} min" if hours else (f"{minutes} min {secs} s" if minutes else f"{secs} s")
 
 
+def _source_name(source: str) -> str:
+    """A source as a card shows it: an hf: name whole, a local path by its last part only (no private folders)."""
+    return source if source.startswith("hf:") else f"`{Path(source).name}`"
+
+
+def _data_rows(record: Any) -> tuple[list[str], str]:
+    """The card's data table rows (``config.json``'s ``data`` record) and what validated."""
+    if not isinstance(record, dict) or not isinstance(record.get("sources"), list):
+        return [], "the last 10% of the corpus"  # saved before the record existed
+    rows = []
+    for source in record["sources"]:
+        if isinstance(source, dict):
+            name = _source_name(str(source.get("source", "?")))
+            split = f" ({source['split']})" if source.get("split") else ""
+            rows.append(f"{name}{split} | {source.get('chars', 0):,} | {source.get('files', 1)} | `{source.get('sha256', '-')}`")
+    validation = record.get("validation") if isinstance(record.get("validation"), dict) else {}
+    if validation.get("part") == "all of it":  # a validation source of its own
+        split = f" ({validation['split']} split)" if validation.get("split") else ""
+        return rows, f"all of {_source_name(str(validation.get('source', '?')))}{split}"
+    files = record["sources"][0].get("files", 1) if isinstance(record["sources"][0], dict) else 1
+    return rows, f"the last 10% of each of the corpus's {files} files" if files > 1 else "the last 10% of the corpus"
+
+
 def _corpus_title(data: str) -> str:
     if data == "shakespeare":
         return "Tiny Shakespeare (1,115,394 characters)"
@@ -114,6 +146,7 @@ def model_card(
     # Sampled as `charrnn sample --seed SEED` samples (default precision), so a reader can reproduce it.
     sample = Sampler(ckpt.model, ckpt.tokenizer, "cpu").generate(prompt, length=length, temperature=temperature, seed=seed)
     elapsed = meta.get("elapsed")
+    data_rows, validated_on = _data_rows(meta.get("data"))
     card_data = ModelCardData(
         library_name="charrnn",
         pipeline_tag="text-generation",
@@ -145,6 +178,8 @@ def model_card(
         vocab_size=config.vocab_size,
         parameters=f"{count_parameters(ckpt.model):,}",
         corpus_title=_corpus_title(data),
+        data_rows=data_rows,
+        validated_on=validated_on,
         val_loss=f"{val:.4f}" if val is not None else "not measured",
         val_bpc=f"{val / LN2:.3f}" if val is not None else "-",
         steps=f"{meta.get('step', 0):,}",

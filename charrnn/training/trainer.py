@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint import Checkpoint, claim_run_dir, load_checkpoint, save_checkpoint
 from ..config import ModelConfig, TrainConfig
 from ..data.corpus import corpus_name
-from ..data.streams import BatchStreams, StreamPosition, split_tokens
-from ..data.token_cache import corpus_tokens
+from ..data.splits import read_run_data, unknown_count
+from ..data.streams import BatchStreams, StreamPosition
 from ..device import autocast, resolve_device, resolve_dtype
 from ..errors import CharRNNError, CheckpointError, CorpusError, PeerLostError, TrainingError
 from ..evaluation import evaluate
@@ -60,11 +60,6 @@ class TrainResult:
     @property
     def last(self) -> Path:
         return self.run_dir / "last"
-
-
-def _unknown_count(tokens: Any) -> int:
-    """How many tokens are ``<unk>`` (id 0), counted a few MB at a time (the tokens may be a huge memory map)."""
-    return sum(int((tokens[i : i + (1 << 24)] == 0).sum()) for i in range(0, len(tokens), 1 << 24))
 
 
 # --- the trainer -------------------------------------------------------------------------------
@@ -156,19 +151,22 @@ class Trainer:
         # Rank 0 encodes the corpus into its token cache; the others then map the same file.
         for turn in (True, False):
             if self.dist.is_main == turn:
-                tokens, self.tokenizer = corpus_tokens(
+                run_data = read_run_data(
                     config.data,
                     config.hf_split,
                     config.hf_column,
+                    config.val_data,
                     tokenizer=saved.tokenizer if saved else (base.tokenizer if base and config.new_chars == "unk" else None),
                     max_vocab=config.max_vocab,
                     grow_from=base.tokenizer if base and config.new_chars == "grow" else None,
                 )
             self.dist.barrier()
-        if base is not None and self.dist.is_main:
-            for note in self._vocabulary_notes(base, tokens):
+        self.tokenizer, self.data_record = run_data.corpus.tokenizer, run_data.record
+        if self.dist.is_main:
+            for note in (*run_data.notes, *(self._vocabulary_notes(base, run_data.corpus.tokens) if base else ())):
                 self.message(note)
-        self.train_tokens, self.val_tokens = split_tokens(tokens)
+        self.train_tokens, self.val_tokens = run_data.split.train, run_data.split.val
+        self.validates = run_data.split.validates
         if len(self.val_tokens) < 2:
             raise CorpusError(f"corpus {config.data!r} is too short for a validation split: it needs at least 20 characters")
 
@@ -232,7 +230,7 @@ class Trainer:
                 f"{''.join(added[:20])!r}{' ...' if len(added) > 20 else ''}, with new embedding and output rows "
                 "(--new-chars unk reads them as <unk> instead)"
             ]
-        unknown = _unknown_count(tokens)
+        unknown = unknown_count(tokens)
         if not unknown:
             return []
         return [
@@ -262,7 +260,8 @@ class Trainer:
         m = self.model_config
         return (
             f"charrnn: {m.cell} {m.n_layers}x{m.hidden_size}, {count_parameters(self.model):,} parameters, "
-            f"vocab {self.tokenizer.vocab_size}, {len(self.train_tokens):,} train / {len(self.val_tokens):,} val chars, "
+            f"vocab {self.tokenizer.vocab_size}, {len(self.train_tokens):,} train / {len(self.val_tokens):,} val chars "
+            f"({self.validates} validates), "
             f"{self.device.type} {str(self.dtype).replace('torch.', '')}"
             f"{f', {self.dist.world_size} processes' if self.dist.enabled else ''}; run dir {self.run_dir}"
         )
@@ -282,6 +281,7 @@ class Trainer:
             **({"torchrun_job": self.dist.run_id} if self.dist.elastic else {}),
             "elapsed": round(self.elapsed, 3),  # seconds of training steps so far (a model card reports it)
             "init_from": self.init_source,
+            "data": self.data_record,  # what trained and what validated, with sizes and sha256s
         }
 
     def checkpoint(self) -> None:

@@ -1,0 +1,167 @@
+"""Corpora as people have them: every file of a folder validates, --val-data, a dataset's own splits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from conftest import TINY_TRAIN_FLAGS, TRAIN_SCRIPT, make_text, run_python, tiny_model_config, tiny_train_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from charrnn.cli import score
+from charrnn.data.splits import TokenParts, read_run_data
+from charrnn.data.streams import BatchStreams, StreamPosition
+from charrnn.training.trainer import Trainer, train
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 40), min_size=1, max_size=6),
+    st.lists(st.integers(0, 400), min_size=1, max_size=50),
+)
+def test_token_parts_read_as_the_joined_array(sizes, picks):
+    parts = [np.arange(sum(sizes[:i]), sum(sizes[: i + 1]), dtype=np.uint16) for i in range(len(sizes))]
+    joined, whole = TokenParts(parts), np.concatenate(parts)
+    assert len(joined) == len(whole)
+    if len(whole):
+        index = np.array(picks) % len(whole)
+        np.testing.assert_array_equal(joined[index], whole[index])
+        np.testing.assert_array_equal(joined[index.reshape(-1, 1)], whole[index.reshape(-1, 1)])
+        np.testing.assert_array_equal(joined[picks[0] % len(whole) :], whole[picks[0] % len(whole) :])
+
+
+def test_batches_over_parts_equal_batches_over_the_joined_tokens():
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 50, n).astype(np.uint8) for n in (300, 1, 457, 90)]
+    over_parts = BatchStreams(TokenParts(parts), 6, 8, seed=3, rows=slice(2, 5))
+    over_array = BatchStreams(np.concatenate(parts), 6, 8, seed=3, rows=slice(2, 5))
+    pos = StreamPosition()
+    for _ in range(40):  # across an epoch boundary, where the offset moves
+        for a, b in zip(over_parts.get(pos), over_array.get(pos)):
+            assert a.equal(b)
+        pos = over_array.next(pos)
+    assert pos.epoch >= 1
+
+
+@pytest.fixture
+def books(tmp_path):
+    """A folder of three 'books' of different sizes and words."""
+    folder = tmp_path / "books"
+    folder.mkdir()
+    for name, seed, size in (("a.txt", 1, 3000), ("b.txt", 2, 9000), ("c.txt", 3, 6000)):
+        (folder / name).write_text(make_text(seed, size), encoding="utf-8")
+    return folder
+
+
+def test_a_folder_validates_on_the_last_tenth_of_every_file(books, tmp_path):
+    trainer = Trainer(tiny_train_config(books, tmp_path / "run", max_iters=1), tiny_model_config())
+    decode = trainer.tokenizer.decode
+    val = decode(trainer.val_tokens[0 : len(trainer.val_tokens)].tolist())
+    train_text = decode(trainer.train_tokens[0 : len(trainer.train_tokens)].tolist())
+    rest_train, rest_val = train_text, val
+    for name in ("a.txt", "b.txt", "c.txt"):
+        text = (books / name).read_text(encoding="utf-8")
+        text += "" if text.endswith("\n") else "\n"  # each file of a folder ends its own line
+        # Each file is cut once, just after a line near 90%: its head trains, its tail validates.
+        near = [k + 1 for k, ch in enumerate(text) if ch == "\n" and abs(k + 1 - 0.9 * len(text)) < 0.03 * len(text)]
+        (cut,) = [c for c in near if rest_train.startswith(text[:c]) and rest_val.startswith(text[c:])]
+        rest_train, rest_val = rest_train[cut:], rest_val[len(text) - cut :]
+    assert rest_train == rest_val == ""  # nothing lost, nothing read twice
+    assert "(the last 10% of each of its 3 files validates)" in trainer.describe()
+    assert trainer.data_record["validation"] == {"source": str(books), "part": "the last 10% of each of its 3 files"}
+
+
+def test_val_data_validates_in_full_and_its_loss_is_what_score_measures(corpus_file, tmp_path, capsys):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(make_text(seed=9, n_chars=1500), encoding="utf-8")
+    result = train(tiny_train_config(corpus_file, tmp_path / "run", val_data=str(held_out)), tiny_model_config())
+    capsys.readouterr()  # the run's own lines
+    meta = json.loads((result.best / "config.json").read_text(encoding="utf-8"))
+    # --data trains on all of its own text; --val-data validates in full.
+    assert meta["data"]["sources"] == [
+        {"source": str(corpus_file), "chars": 8000, "files": 1, "sha256": hashlib.sha256(corpus_file.read_bytes()).hexdigest()}
+    ]
+    assert meta["data"]["validation"] == {
+        "source": str(held_out),
+        "chars": 1500,
+        "files": 1,
+        "sha256": hashlib.sha256(held_out.read_bytes()).hexdigest(),
+        "part": "all of it",
+        "unknown_chars": 0,
+    }
+    assert score.main(["--checkpoint", str(result.best), "--device", "cpu", "--json", str(held_out)]) == 0
+    scored = json.loads(capsys.readouterr().out)["total"]["nats_per_char"]
+    assert scored == pytest.approx(result.best_val_loss, abs=1e-5)
+    # Without files, score measures what the run validated on: the same figure.
+    assert score.main(["--checkpoint", str(result.best), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"]["nats_per_char"] == pytest.approx(scored, abs=1e-6)
+
+
+def test_a_datasets_own_validation_split_validates_and_train_trains_in_full(tmp_path):
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    rows = {"train": make_text(1, 6000).split("\n\n"), "validation": make_text(2, 1200).split("\n\n")}
+    for split, texts in rows.items():
+        (ds / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    data = read_run_data(f"hf:{ds}")
+    decode = data.corpus.tokenizer.decode
+    assert decode(data.split.train.tolist()) == "\n".join(rows["train"])  # all of train trains
+    assert decode(data.split.val.tolist()) == "\n".join(rows["validation"])
+    assert data.split.validates == f"all of the 'validation' split of hf:{ds}"
+    assert data.record["validation"]["split"] == "validation"
+    # Without a held-out split, the last 10% of train validates, as before.
+    (ds / "validation.jsonl").unlink()
+    assert read_run_data(f"hf:{ds}").split.validates == "its last 10%"
+
+
+def test_validation_characters_training_never_saw_are_counted_and_said(corpus_file, tmp_path):
+    odd = tmp_path / "odd.txt"
+    odd.write_text("ROMEO: the king 0123456789\n" * 10, encoding="utf-8")  # the corpus has no digits
+    data = read_run_data(str(corpus_file), val_data=str(odd))
+    assert data.record["validation"]["unknown_chars"] == 100
+    assert data.notes == (
+        f"note: 100 characters of --val-data {odd} (37.04%) never occur in the training text and read as <unk>; "
+        "they count in the validation loss",
+    )
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda d: d / "missing.txt", "--val-data {p}: corpus '{p}' not found"),
+        (lambda d: _write(d / "empty.txt", ""), "--val-data {p}: {p} is empty"),
+        (lambda d: _write(d / "digits.txt", "0123456789" * 5), "--val-data {p} shares no character with the training text"),
+        (lambda d: _write(d / "one.txt", "a"), "--val-data {p} has 1 characters: a validation text needs at least 2"),
+    ],
+    ids=["missing", "empty", "no character in common", "one character"],
+)
+def test_a_bad_val_data_is_one_sentence_and_exit_2_before_training(corpus_file, subprocess_env, tmp_path, make, fragment):
+    path = make(tmp_path)
+    out = tmp_path / "run"
+    proc = run_python(
+        [TRAIN_SCRIPT, "--data", corpus_file, "--val-data", path, "--out", out, "--max-iters", "5", *TINY_TRAIN_FLAGS],
+        subprocess_env,
+        tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert fragment.format(p=path) in line and "Traceback" not in proc.stderr
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_the_validation_line_says_how_many_files_and_characters(books, subprocess_env, tmp_path):
+    proc = run_python(
+        [TRAIN_SCRIPT, "--data", books, "--out", tmp_path / "run", "--max-iters", "2", "--eval-interval", "2", *TINY_TRAIN_FLAGS],
+        subprocess_env,
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "val chars (the last 10% of each of its 3 files validates)" in proc.stderr
