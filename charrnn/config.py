@@ -40,6 +40,14 @@ def field_help(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": text, **extra}
 
 
+def parse_shares(text: str) -> tuple[float, ...]:
+    """``0.7,0.3`` -> (0.7, 0.3): the ``--mix`` flag's value."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"mix must be numbers separated by commas, e.g. 0.7,0.3, got {text!r}") from None
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -156,9 +164,21 @@ class ModelConfig:
 class TrainConfig:
     """How to train: data, budgets, optimisation, evaluation, output."""
 
-    data: str = field(
+    data: str | tuple[str, ...] = field(
         default="shakespeare",
-        metadata=field_help("corpus: 'shakespeare', a .txt file, a folder of text files, or hf:OWNER/NAME"),
+        metadata=field_help(
+            "corpus: 'shakespeare', a .txt file, a folder of text files, or hf:OWNER/NAME; give it several times "
+            "to train on several corpora with one vocabulary (see --mix)",
+            repeat=True,
+        ),
+    )
+    mix: tuple[float, ...] | None = field(
+        default=None,
+        metadata=field_help(
+            "with several --data, the share of training characters drawn from each, e.g. 0.7,0.3 (default: in "
+            "proportion to their sizes)",
+            parse=parse_shares,
+        ),
     )
     val_data: str | None = field(
         default=None,
@@ -251,8 +271,23 @@ class TrainConfig:
     progress: bool = field(default=True, metadata=field_help("show a progress bar", cli=False))
 
     def __post_init__(self) -> None:
+        # A list (read from config.json) is the tuple it was; one corpus is its name alone.
+        for name in ("data", "mix"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.data, tuple) and len(self.data) == 1:
+            object.__setattr__(self, "data", self.data[0])
         _check_types(self)
-        _check(bool(self.data), "data must name a corpus")
+        _check(bool(self.data) and all(isinstance(d, str) and d for d in self.sources), "data must name a corpus")
+        if self.mix is not None:
+            _check(
+                len(self.mix) == len(self.sources),
+                f"mix gives {len(self.mix)} shares for {len(self.sources)} corpora: give one share per data source",
+            )
+            _check(
+                all(isinstance(p, numbers.Real) and math.isfinite(p) and p >= 0 for p in self.mix) and sum(self.mix) > 0,
+                f"mix shares must be numbers >= 0, not all zero, got {','.join(map(str, self.mix))}",
+            )
         _check(self.max_vocab == 0 or self.max_vocab >= 2, f"max_vocab must be 0 (all) or at least 2, got {self.max_vocab}")
         _check(self.seq_len is None or self.seq_len >= 1, f"seq_len must be at least 1, got {self.seq_len}")
         _check(self.batch_size is None or self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
@@ -289,6 +324,11 @@ class TrainConfig:
             not (self.resume and self.init_from),
             "resume continues a run and init_from starts a new one from a trained model: give one of them",
         )
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The corpora it trains on: ``data`` as a tuple, one or several."""
+        return (self.data,) if isinstance(self.data, str) else self.data
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

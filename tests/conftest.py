@@ -53,7 +53,7 @@ def make_text(seed: int, n_chars: int) -> str:
 def tiny_train_config(data: str | Path, out: str | Path, **overrides) -> TrainConfig:
     """A TrainConfig for library tests: cpu, float32, no progress bar or samples, step budget."""
     values = dict(
-        data=str(data),
+        data=data if isinstance(data, tuple) else str(data),
         out=str(out),
         max_iters=20,
         max_time=0,

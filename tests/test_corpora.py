@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_TRAIN_FLAGS, TRAIN_SCRIPT, make_text, run_python, tiny_model_config, tiny_train_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
 from charrnn.cli import score
-from charrnn.data.splits import TokenParts, read_run_data
+from charrnn.data.parts import TokenParts
+from charrnn.data.splits import read_run_data
 from charrnn.data.streams import BatchStreams, StreamPosition
+from charrnn.training.callbacks import Callback, MetricsLog
 from charrnn.training.trainer import Trainer, train
 
 
@@ -107,14 +113,14 @@ def test_a_datasets_own_validation_split_validates_and_train_trains_in_full(tmp_
     for split, texts in rows.items():
         (ds / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     data = read_run_data(f"hf:{ds}")
-    decode = data.corpus.tokenizer.decode
-    assert decode(data.split.train.tolist()) == "\n".join(rows["train"])  # all of train trains
-    assert decode(data.split.val.tolist()) == "\n".join(rows["validation"])
-    assert data.split.validates == f"all of the 'validation' split of hf:{ds}"
+    decode = data.tokenizer.decode
+    assert decode(data.train.tolist()) == "\n".join(rows["train"])  # all of train trains
+    assert decode(data.val.tolist()) == "\n".join(rows["validation"])
+    assert data.validates == f"all of the 'validation' split of hf:{ds}"
     assert data.record["validation"]["split"] == "validation"
     # Without a held-out split, the last 10% of train validates, as before.
     (ds / "validation.jsonl").unlink()
-    assert read_run_data(f"hf:{ds}").split.validates == "its last 10%"
+    assert read_run_data(f"hf:{ds}").validates == "its last 10%"
 
 
 def test_validation_characters_training_never_saw_are_counted_and_said(corpus_file, tmp_path):
@@ -165,3 +171,121 @@ def test_the_validation_line_says_how_many_files_and_characters(books, subproces
     )
     assert proc.returncode == 0, proc.stderr
     assert "val chars (the last 10% of each of its 3 files validates)" in proc.stderr
+
+
+# --- several corpora ------------------------------------------------------------------------------
+
+
+def _letters(seed: int, alphabet: str, n: int) -> str:
+    rng = np.random.default_rng(seed)
+    words = ["".join(rng.choice(list(alphabet), rng.integers(2, 7))) for _ in range(n // 4)]
+    return ("\n".join(" ".join(words[i : i + 8]) for i in range(0, len(words), 8)) + "\n")[:n]
+
+
+@pytest.fixture
+def two_corpora(tmp_path):
+    """A small corpus of the letters a-m and one four times larger of n-z: each character tells its corpus."""
+    small, large = tmp_path / "small.txt", tmp_path / "large.txt"
+    small.write_text(_letters(1, "abcdefghijklm", 3000), encoding="utf-8")
+    large.write_text(_letters(2, "nopqrstuvwxyz", 12000), encoding="utf-8")
+    return small, large
+
+
+def test_a_mix_draws_its_shares_in_every_batch_and_every_process(two_corpora):
+    small, large = map(str, two_corpora)
+    data = read_run_data([small, large], mix=[0.5, 0.5])
+    first_of_large = int(data.tokenizer.encode("n")[0])  # the vocabulary is sorted: n-z come after a-m and ' ', '\n'
+
+    def share_of_small(batch):
+        letters = batch[batch > int(data.tokenizer.encode(" ")[0])]
+        return float((letters < first_of_large).float().mean())
+
+    # Two processes of 4 rows each read the rows of one process of 8.
+    ranks = [BatchStreams(data.train, 8, 16, seed=5, rows=slice(r * 4, (r + 1) * 4)) for r in range(2)]
+    whole = BatchStreams(data.train, 8, 16, seed=5)
+    pos, shares, small_seen = StreamPosition(), [], 0
+    for _ in range(300):  # several epochs: the small corpus is read twice per epoch
+        x, _ = whole.get(pos)
+        parts = [r.get(pos)[0] for r in ranks]
+        assert x.equal(torch.cat(parts))
+        assert all(0.3 < share_of_small(p) < 0.7 for p in parts)  # every process reads both corpora
+        shares.append(share_of_small(x))
+        small_seen += int((x[x > 2] < first_of_large).sum())
+        pos = whole.next(pos)
+    assert pos.epoch >= 3
+    assert abs(np.mean(shares) - 0.5) < 0.03  # the shares hold over the run
+    # Without --mix, the corpora are one concatenation: each read once an epoch, in proportion to its size.
+    plain = read_run_data([small, large])
+    assert len(plain.train) == len(data.train) and plain.record["sources"][0]["share"] == pytest.approx(0.2, abs=0.01)
+
+
+class _CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, trainer, loss: float) -> None:
+        if trainer.step == self.step:
+            raise RuntimeError("crash (injected by the test)")
+
+
+def test_a_mixed_run_resumes_bit_exactly_and_reports_each_corpus(two_corpora, tmp_path):
+    small, large = map(str, two_corpora)
+
+    def config(out, **overrides):  # about 26 steps an epoch: the crash and the resume are in the second
+        return tiny_train_config((small, large), out, mix=(0.3, 0.7), max_iters=40, eval_interval=10, batch_size=16,
+                                 seq_len=32, **overrides)  # fmt: skip
+
+    whole = train(config(tmp_path / "whole"), tiny_model_config())
+    with pytest.raises(RuntimeError, match="injected"):
+        train(config(tmp_path / "split"), tiny_model_config(), callbacks=[MetricsLog(), _CrashAt(33)])
+    resumed = train(config(tmp_path / "split", resume=str(tmp_path / "split")), tiny_model_config())
+    assert resumed.step == 40
+    a, b = load_file(whole.last / "model.safetensors"), load_file(resumed.last / "model.safetensors")
+    assert all(a[k].equal(b[k]) for k in a)
+
+    meta = json.loads((whole.last / "config.json").read_text(encoding="utf-8"))
+    assert [(s["source"], s["share"]) for s in meta["data"]["sources"]] == [(small, 0.3), (large, 0.7)]
+    assert [v["source"] for v in meta["data"]["validation"]] == [small, large]
+    evals = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if "val_loss" in e]
+    each = evals[-1]["val_loss_by_corpus"]
+    assert set(each) == {small, large}
+    sizes = [len(Path(p).read_text(encoding="utf-8")) // 10 for p in (small, large)]  # about each validation part
+    expected = (each[small] * sizes[0] + each[large] * sizes[1]) / sum(sizes)
+    assert evals[-1]["val_loss"] == pytest.approx(expected, rel=1e-2)  # weighted by size
+
+
+@pytest.mark.parametrize(
+    "mix, fragment",
+    [
+        ("0.5", "--mix gives 1 shares for 2 corpora: give one share per --data source"),
+        ("0.5,-1", "--mix shares must be numbers >= 0, not all zero"),
+        ("0,0", "--mix shares must be numbers >= 0, not all zero"),
+        ("half,half", "mix must be numbers separated by commas"),
+    ],
+)
+def test_a_bad_mix_is_one_sentence_and_exit_2(two_corpora, subprocess_env, tmp_path, mix, fragment):
+    small, large = two_corpora
+    out = tmp_path / "run"
+    proc = run_python(
+        [TRAIN_SCRIPT, "--data", small, "--data", large, "--mix", mix, "--out", out, "--max-iters", "5", *TINY_TRAIN_FLAGS],
+        subprocess_env,
+        tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert fragment in line and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_two_corpora_from_the_command_line_log_each_ones_loss(two_corpora, subprocess_env, tmp_path):
+    small, large = two_corpora
+    proc = run_python(
+        [TRAIN_SCRIPT, "--data", small, "--data", large, "--mix", "1,1", "--out", tmp_path / "run", "--max-iters", "4",
+         "--eval-interval", "4", *TINY_TRAIN_FLAGS],
+        subprocess_env,
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "(each corpus's own validation part (2 corpora) validates)" in proc.stderr
+    assert re.search(r"step +4 \| val [\d.]+ nats/char \([\d.]+ bpc\) \[small [\d.]+, large [\d.]+\] \(best\)", proc.stdout)

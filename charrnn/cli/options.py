@@ -39,6 +39,26 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _parser_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A config's own parser as an argparse type: its ConfigError becomes argparse's usage error."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+class _Repeated(argparse.Action):
+    """A flag that may be given several times: the list of its values, in place of its default."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None) -> None:
+        given = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, [*given, values] if isinstance(given, list) else [values])
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -66,6 +86,10 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, title: str, skip: Seq
             kwargs["choices"] = f.metadata["choices"]
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.metadata.get("repeat"):
+            kwargs["action"], kwargs["type"] = _Repeated, kind
+        elif "parse" in f.metadata:
+            kwargs["type"] = _parser_type(f.metadata["parse"])
         elif "type" not in kwargs:
             kwargs["type"] = kind
         group.add_argument(_flag(f.name), **kwargs)

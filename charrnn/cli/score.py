@@ -80,12 +80,13 @@ def run(argv: list[str], prog: str = "charrnn score") -> int:
             train.get("val_data"),
             tokenizer=ckpt.tokenizer,
         )
-        val = data.split.val
+        parts = data.val_parts or (("", data.val),)
         texts = [
             (
-                f"the validation split of {train.get('data')!r} ({data.split.validates})",
+                f"the validation split of {name or train.get('data')!r} ({data.validates})",
                 ckpt.tokenizer.decode(val[0 : len(val)].tolist()),
             )
+            for name, val in parts
         ]
     longest = max(len(text) for _, text in texts)
     sampler = Sampler(ckpt.model, ckpt.tokenizer, device, max_prompt_chars=max(longest, 1), kernel=False)

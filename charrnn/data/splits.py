@@ -7,12 +7,14 @@
 - With a validation source of its own (``--val-data``, or a dataset's own ``validation``
   split), the corpus trains in full and that source validates in full.
 
-The parts are read through :class:`TokenParts`, which joins memory-mapped arrays without
-copying them: memory stays what the batches and the evaluation chunks take.
+The parts are read through :class:`~charrnn.data.parts.TokenParts`, which joins
+memory-mapped arrays without copying them: memory stays what the batches and the
+evaluation chunks take.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,45 +24,12 @@ import numpy as np
 from ..errors import CorpusError
 from ..tokenizer import CharTokenizer
 from .corpus import hf_held_out_split
-from .token_cache import EncodedCorpus, encode_corpus
+from .mix import Mix
+from .parts import Tokens, joined
+from .token_cache import EncodedCorpus, encode_corpus, grown_vocabulary
 
 TRAIN_FRACTION = 0.9
 LINE_SEARCH_CHARS = 4096  # how far from 90% a folder's file may be cut to end on a line
-
-
-class TokenParts:
-    """Several token arrays read as one, without copying them.
-
-    Supports what the batch streams and the evaluation read a split with: ``len``, a
-    contiguous slice, and indexing with an integer array (each index finds its part).
-    """
-
-    def __init__(self, parts: Sequence[np.ndarray]):
-        self.parts = [p for p in parts if len(p)]
-        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
-        self.dtype = self.parts[0].dtype if self.parts else np.dtype(np.uint8)
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getitem__(self, index: slice | np.ndarray) -> np.ndarray:
-        if isinstance(index, slice):
-            start, stop, step = index.indices(len(self))
-            if step != 1:
-                raise IndexError("TokenParts takes contiguous slices only")
-            return self[np.arange(start, stop)]
-        index = np.asarray(index)
-        if index.size and (index.min() < 0 or index.max() >= len(self)):
-            raise IndexError("index out of range")
-        which = np.searchsorted(self.starts, index, side="right") - 1
-        out = np.empty(index.shape, dtype=self.dtype)
-        for k in np.unique(which):
-            mask = which == k
-            out[mask] = self.parts[k][index[mask] - self.starts[k]]
-        return out
-
-
-Tokens = np.ndarray | TokenParts  # what a split is read through
 
 
 @dataclass(frozen=True)
@@ -70,12 +39,6 @@ class Split:
     train: Tokens
     val: Tokens
     validates: str  # e.g. "the last 10% of each of 3 files"
-
-
-def joined(parts: Sequence[np.ndarray]) -> Tokens:
-    """One array where there is one part (no indirection), else :class:`TokenParts`."""
-    kept = [p for p in parts if len(p)]
-    return kept[0] if len(kept) == 1 else TokenParts(kept)
 
 
 def piece_bounds(pieces: Sequence[int]) -> list[tuple[int, int]]:
@@ -122,12 +85,16 @@ def unknown_count(tokens: Tokens) -> int:
 
 @dataclass(frozen=True)
 class RunData:
-    """What a run trains and validates on: the split, the vocabulary, and the record ``config.json`` keeps."""
+    """What a run trains and validates on, with its vocabulary and the record ``config.json`` keeps."""
 
-    split: Split
-    corpus: EncodedCorpus  # the training corpus as encoded
-    record: dict[str, Any]  # its sources, sizes and sha256s, and what validates
-    notes: tuple[str, ...]  # for the user: e.g. validation characters training never saw
+    train: Tokens | Mix
+    val: Tokens  # all the validation text, one stream
+    val_parts: tuple[tuple[str, Tokens], ...]  # each corpus's own validation text, when several validate
+    validates: str  # a phrase on what validates, e.g. "the last 10% of each of its 3 files"
+    tokenizer: CharTokenizer
+    corpus_tokens: Tokens  # all the training corpora, whole (for the vocabulary notes of a fine-tuned run)
+    record: dict[str, Any]  # the sources, their shares, sizes and sha256s, and what validates
+    notes: tuple[str, ...] = ()  # for the user: e.g. validation characters training never saw
 
 
 def _source_record(spec: str, split: str | None, encoded: EncodedCorpus) -> dict[str, Any]:
@@ -140,31 +107,36 @@ def _source_record(spec: str, split: str | None, encoded: EncodedCorpus) -> dict
     }
 
 
-def read_run_data(
-    data: str,
-    hf_split: str = "train",
-    hf_column: str | None = None,
-    val_data: str | None = None,
-    tokenizer: CharTokenizer | None = None,
-    max_vocab: int = 0,
-    grow_from: CharTokenizer | None = None,
-) -> RunData:
-    """Encode ``data`` (see :func:`~charrnn.data.token_cache.encode_corpus` for the vocabulary
-    arguments) and choose what validates: ``val_data`` in full when given, else an ``hf:``
-    dataset's own held-out split, else the last 10% (of each file, for a folder)."""
-    corpus = encode_corpus(data, hf_split, hf_column, tokenizer, max_vocab, grow_from)
-    record: dict[str, Any] = {"sources": [_source_record(data, hf_split, corpus)]}
-    held_out = hf_held_out_split(data[3:], hf_split) if data.startswith("hf:") and val_data is None else None
-    if val_data is None and held_out is None:
-        newline = int(corpus.tokenizer.encode("\n")[0]) if "\n" in corpus.tokenizer else None
-        split = split_corpus(corpus.tokens, corpus.pieces, newline)
-        record["validation"] = {"source": data, "part": split.validates}
-        return RunData(split, corpus, record, ())
-    spec = val_data if val_data is not None else data
-    split_name = held_out or (hf_held_out_split(spec[3:], "") or "train" if spec.startswith("hf:") else "train")
-    what = f"--val-data {spec}" if val_data is not None else f"the {split_name!r} split of {spec}"
+def _held_out(spec: str, train_split: str) -> str | None:
+    return hf_held_out_split(spec[3:], train_split) if spec.startswith("hf:") else None
+
+
+def _character_counts(corpus: EncodedCorpus) -> Counter:
+    """How often each character occurs in an encoded corpus, counted a few MB at a time."""
+    counts = np.zeros(corpus.tokenizer.vocab_size, dtype=np.int64)
+    for i in range(0, len(corpus.tokens), 1 << 24):
+        counts += np.bincount(np.asarray(corpus.tokens[i : i + (1 << 24)]), minlength=len(counts))
+    return Counter({corpus.tokenizer.chars[k]: int(n) for k, n in enumerate(counts) if n and k})
+
+
+def _shared_vocabulary(
+    sources: Sequence[str], hf_split: str, hf_column: str | None, max_vocab: int, grow_from: CharTokenizer | None
+) -> CharTokenizer:
+    """One vocabulary for several corpora: their characters counted together (each corpus's own cache counts it)."""
+    counts: Counter = Counter()
+    for spec in sources:
+        counts.update(_character_counts(encode_corpus(spec, hf_split, hf_column)))
+    if grow_from is not None:
+        return grown_vocabulary(grow_from, counts, max_vocab)
+    return CharTokenizer.from_counts(counts, max_vocab)
+
+
+def _validation_source(
+    spec: str, split_name: str, hf_column: str | None, what: str, tokenizer: CharTokenizer, trained_on: str
+) -> tuple[EncodedCorpus, int, tuple[str, ...]]:
+    """A validation text of its own, read with the training vocabulary: it, its unknown count, and a note."""
     try:
-        val = encode_corpus(spec, split_name, hf_column, tokenizer=corpus.tokenizer)
+        val = encode_corpus(spec, split_name, hf_column, tokenizer=tokenizer)
     except CorpusError as exc:
         raise CorpusError(f"{what}: {exc}") from None
     if len(val.tokens) < 2:
@@ -172,17 +144,84 @@ def read_run_data(
     unknown = unknown_count(val.tokens)
     if unknown == len(val.tokens):
         raise CorpusError(
-            f"{what} shares no character with the training text {data!r}: every one would read as <unk>. "
+            f"{what} shares no character with the training text {trained_on}: every one would read as <unk>. "
             "Give a validation text in the training text's language and script"
         )
-    notes = (
-        (
-            f"note: {unknown:,} characters of {what} ({unknown / len(val.tokens):.2%}) never occur in the training "
-            "text and read as <unk>; they count in the validation loss",
-        )
-        if unknown
-        else ()
+    note = (
+        f"note: {unknown:,} characters of {what} ({unknown / len(val.tokens):.2%}) never occur in the training "
+        "text and read as <unk>; they count in the validation loss"
     )
-    split = Split(corpus.tokens, val.tokens, f"all of {what}")
-    record["validation"] = {**_source_record(spec, split_name, val), "part": "all of it", "unknown_chars": unknown}
-    return RunData(split, corpus, record, notes)
+    return val, unknown, (note,) if unknown else ()
+
+
+def read_run_data(
+    data: str | Sequence[str],
+    hf_split: str = "train",
+    hf_column: str | None = None,
+    val_data: str | None = None,
+    mix: Sequence[float] | None = None,
+    tokenizer: CharTokenizer | None = None,
+    max_vocab: int = 0,
+    grow_from: CharTokenizer | None = None,
+) -> RunData:
+    """Encode the corpora ``data`` (one or several) and choose what trains and what validates.
+
+    Validation is ``val_data`` in full when given, else each corpus's own: an ``hf:``
+    dataset's held-out split, or its last 10% (of each file, for a folder). Several corpora
+    share one vocabulary; with ``mix``, training draws those shares of characters from them
+    (a :class:`~charrnn.data.mix.Mix`), else reads them as one concatenation. For the
+    vocabulary arguments see :func:`~charrnn.data.token_cache.encode_corpus`.
+    """
+    sources = [data] if isinstance(data, str) else list(data)
+    if len(sources) > 1 and tokenizer is None:
+        tokenizer, max_vocab, grow_from = _shared_vocabulary(sources, hf_split, hf_column, max_vocab, grow_from), 0, None
+    corpora = [encode_corpus(spec, hf_split, hf_column, tokenizer, max_vocab, grow_from) for spec in sources]
+    vocabulary = corpora[0].tokenizer
+    newline = int(vocabulary.encode("\n")[0]) if "\n" in vocabulary else None
+    shares = list(mix) if mix is not None else [len(c.tokens) for c in corpora]
+    total = float(sum(shares))
+    records = [
+        {**_source_record(spec, hf_split, c), **({"share": round(p / total, 6)} if len(sources) > 1 else {})}
+        for spec, c, p in zip(sources, corpora, shares)
+    ]
+    trained_on = " + ".join(map(repr, sources))
+    train_parts, val_parts, notes, validation = [], [], [], []
+    for spec, corpus in zip(sources, corpora):
+        held_out = _held_out(spec, hf_split) if val_data is None else None
+        if val_data is not None:
+            train_parts.append(corpus.tokens)
+        elif held_out is not None:
+            what = f"the {held_out!r} split of {spec}"
+            val, unknown, note = _validation_source(spec, held_out, hf_column, what, vocabulary, trained_on)
+            train_parts.append(corpus.tokens)
+            val_parts.append((spec, val.tokens))
+            notes += note
+            validation.append({**_source_record(spec, held_out, val), "part": "all of it", "unknown_chars": unknown})
+        else:
+            split = split_corpus(corpus.tokens, corpus.pieces, newline)
+            train_parts.append(split.train)
+            val_parts.append((spec, split.val))
+            validation.append({"source": spec, "part": split.validates})
+    if val_data is not None:
+        name = _held_out(val_data, "") or "train"
+        what = f"--val-data {val_data}"
+        val, unknown, note = _validation_source(val_data, name, hf_column, what, vocabulary, trained_on)
+        val_parts, notes = [(val_data, val.tokens)], list(note)
+        validation = [{**_source_record(val_data, name, val), "part": "all of it", "unknown_chars": unknown}]
+        validates = f"all of {what}"
+    elif len(sources) == 1:
+        validates = validation[0]["part"] if "chars" not in validation[0] else f"all of the {held_out!r} split of {sources[0]}"
+    else:
+        validates = f"each corpus's own validation part ({len(sources)} corpora)"
+    train: Tokens | Mix = Mix(train_parts, shares) if mix is not None and len(sources) > 1 else joined(train_parts)
+    record = {"sources": records, "validation": validation[0] if len(validation) == 1 else validation}
+    return RunData(
+        train=train,
+        val=joined([v for _, v in val_parts]),
+        val_parts=tuple(val_parts) if len(val_parts) > 1 else (),
+        validates=validates,
+        tokenizer=vocabulary,
+        corpus_tokens=joined([c.tokens for c in corpora]),
+        record=record,
+        notes=tuple(notes),
+    )

@@ -8,7 +8,10 @@ import numpy as np
 import torch
 
 from ..errors import CorpusError
-from .splits import Tokens
+from .mix import Mix
+from .parts import Tokens
+
+MIX_BLOCK_BATCHES = 8  # a mix's rows switch corpus every this many batches
 
 
 @dataclass(frozen=True)
@@ -34,11 +37,13 @@ class BatchStreams:
 
     Each epoch starts at a different offset in [0, seq_len) drawn from the seed, so the
     truncation points move between epochs; the hidden state restarts at each epoch.
-    ``rows`` selects a contiguous block of rows (one rank's share under DDP).
+    ``rows`` selects a contiguous block of rows (one rank's share under DDP). ``tokens``
+    may be a :class:`~charrnn.data.mix.Mix`, which lays each epoch out anew.
     """
 
-    def __init__(self, tokens: Tokens, batch_size: int, seq_len: int, seed: int, rows: slice | None = None):
+    def __init__(self, tokens: Tokens | Mix, batch_size: int, seq_len: int, seed: int, rows: slice | None = None):
         self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
+        self._layout: tuple[int, Tokens] | None = None  # a mix's layout of the epoch last read
         self.rows = rows or slice(0, batch_size)
         needed = batch_size * seq_len + seq_len
         if len(tokens) < needed:
@@ -55,8 +60,16 @@ class BatchStreams:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (1 << 64))
         return int(torch.randint(self.seq_len, (1,), generator=g))
 
+    def _tokens(self, epoch: int) -> Tokens:
+        """The text epoch ``epoch`` reads: a mix lays its corpora out afresh each epoch."""
+        if not isinstance(self.tokens, Mix):
+            return self.tokens
+        if self._layout is None or self._layout[0] != epoch:
+            self._layout = (epoch, self.tokens.layout(epoch, self.batch_size, MIX_BLOCK_BATCHES * self.seq_len))
+        return self._layout[1]
+
     def _row_length(self, epoch: int) -> int:
-        return (len(self.tokens) - 1 - self._offset(epoch)) // self.batch_size
+        return (len(self._tokens(epoch)) - 1 - self._offset(epoch)) // self.batch_size
 
     def batches_in_epoch(self, epoch: int) -> int:
         return self._row_length(epoch) // self.seq_len
@@ -66,7 +79,7 @@ class BatchStreams:
         off, length, t = self._offset(pos.epoch), self._row_length(pos.epoch), self.seq_len
         # Row r of the layout starts at off + r * length; only this batch's windows are read.
         starts = off + np.arange(self.batch_size)[self.rows] * length + pos.index * t
-        window = np.asarray(self.tokens[starts[:, None] + np.arange(t + 1)]).astype(np.int64)
+        window = np.asarray(self._tokens(pos.epoch)[starts[:, None] + np.arange(t + 1)]).astype(np.int64)
         return torch.from_numpy(window[:, :-1].copy()), torch.from_numpy(window[:, 1:].copy())
 
     def next(self, pos: StreamPosition) -> StreamPosition:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .._io import atomic_write, open_append, parse_json
 from ..config import TrainConfig
+from ..data.corpus import corpus_name
 from ..errors import TrainingError
 from ..evaluation import LN2
 from ..model import CharRNN
@@ -76,7 +77,8 @@ class Callback:
 
 class MetricsLog(Callback):
     """``RUN/metrics.jsonl``: ``{"step", "loss", "lr", "elapsed"}`` per step,
-    ``{"step", "val_loss", "val_bpc", "elapsed"}`` per evaluation, and
+    ``{"step", "val_loss", "val_bpc", "elapsed"}`` per evaluation (and ``val_loss_by_corpus`` where
+    several corpora validate), and
     ``{"step", "restart", "resumed_from"}`` when torchrun restarted the job (the step it went on from)."""
 
     def on_start(self, trainer: Trainer) -> None:
@@ -123,6 +125,8 @@ class MetricsLog(Callback):
 
     def on_evaluation(self, trainer: Trainer, val_loss: float, improved: bool) -> None:
         record = {"step": trainer.step, "val_loss": val_loss, "val_bpc": val_loss / LN2, "elapsed": round(trainer.elapsed, 3)}
+        if trainer.val_by_corpus:
+            record["val_loss_by_corpus"] = dict(trainer.val_by_corpus)
         self._log(trainer, record)
 
 
@@ -169,9 +173,10 @@ class ConsoleReport(Callback):
         print(trainer.describe(), file=sys.stderr)
 
     def on_checkpoint(self, trainer: Trainer, val_loss: float, improved: bool) -> None:
+        each = ", ".join(f"{corpus_name(name)} {loss:.4f}" for name, loss in trainer.val_by_corpus.items())
         tqdm.write(
             f"step {trainer.step:>6} | val {val_loss:.4f} nats/char ({val_loss / LN2:.3f} bpc)"
-            f"{' (best)' if improved else ''} | {trainer.elapsed:.0f} s"
+            f"{f' [{each}]' if each else ''}{' (best)' if improved else ''} | {trainer.elapsed:.0f} s"
         )
 
     def on_message(self, trainer: Trainer | None, text: str) -> None:
@@ -268,6 +273,8 @@ class TensorBoardLog(Callback):
     def on_evaluation(self, trainer: Trainer, val_loss: float, improved: bool) -> None:
         self.writer.add_scalar("val/loss", val_loss, trainer.step)
         self.writer.add_scalar("val/bpc", val_loss / LN2, trainer.step)
+        for name, loss in trainer.val_by_corpus.items():
+            self.writer.add_scalar(f"val/loss/{corpus_name(name)}", loss, trainer.step)
 
     def on_checkpoint(self, trainer: Trainer, val_loss: float, improved: bool) -> None:
         length = trainer.config.sample_chars

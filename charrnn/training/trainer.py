@@ -152,21 +152,23 @@ class Trainer:
         for turn in (True, False):
             if self.dist.is_main == turn:
                 run_data = read_run_data(
-                    config.data,
+                    config.sources,
                     config.hf_split,
                     config.hf_column,
                     config.val_data,
+                    config.mix,
                     tokenizer=saved.tokenizer if saved else (base.tokenizer if base and config.new_chars == "unk" else None),
                     max_vocab=config.max_vocab,
                     grow_from=base.tokenizer if base and config.new_chars == "grow" else None,
                 )
             self.dist.barrier()
-        self.tokenizer, self.data_record = run_data.corpus.tokenizer, run_data.record
+        self.tokenizer, self.data_record = run_data.tokenizer, run_data.record
         if self.dist.is_main:
-            for note in (*run_data.notes, *(self._vocabulary_notes(base, run_data.corpus.tokens) if base else ())):
+            for note in (*run_data.notes, *(self._vocabulary_notes(base, run_data.corpus_tokens) if base else ())):
                 self.message(note)
-        self.train_tokens, self.val_tokens = run_data.split.train, run_data.split.val
-        self.validates = run_data.split.validates
+        self.train_tokens, self.val_tokens, self.val_parts = run_data.train, run_data.val, run_data.val_parts
+        self.validates = run_data.validates
+        self.val_by_corpus: dict[str, float] = {}  # each corpus's loss at the last evaluation, when several validate
         if len(self.val_tokens) < 2:
             raise CorpusError(f"corpus {config.data!r} is too short for a validation split: it needs at least 20 characters")
 
@@ -242,7 +244,7 @@ class Trainer:
         if saved is not None:
             return saved.path.parent
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        return Path("checkpoints") / f"{corpus_name(self.config.data)}-{stamp}"
+        return Path("checkpoints") / f"{'+'.join(map(corpus_name, self.config.sources))}-{stamp}"
 
     # -- reporting ----------------------------------------------------------------------------------
     def message(self, text: str) -> None:
@@ -294,7 +296,7 @@ class Trainer:
         self.saved_step = self.step
         if not self.dist.is_main:
             return
-        val = evaluate(self.model, self.val_tokens, self.device, self.dtype)
+        val = self._evaluate()
         improved = val < self.best_val
         if improved:
             self.best_val = val
@@ -311,6 +313,15 @@ class Trainer:
         self.last_save = time.monotonic()
         self._report_signals()
         trigger(self.callbacks, "on_checkpoint", self, val, improved)
+
+    def _evaluate(self) -> float:
+        """The validation loss; with several corpora validating, each one's (kept in ``val_by_corpus``),
+        and their mean weighted by size: the mean over every validation character."""
+        if not self.val_parts:
+            return evaluate(self.model, self.val_tokens, self.device, self.dtype)
+        self.val_by_corpus = {name: evaluate(self.model, tokens, self.device, self.dtype) for name, tokens in self.val_parts}
+        weights = [len(tokens) - 1 for _, tokens in self.val_parts]
+        return sum(w * loss for w, loss in zip(weights, self.val_by_corpus.values())) / sum(weights)
 
     def save(self) -> None:
         """Save ``last`` without evaluating (``--save-every``): what a crash or a restart goes on from.
