@@ -19,6 +19,7 @@ from charrnn.cli import score
 from charrnn.data.parts import TokenParts
 from charrnn.data.splits import read_run_data
 from charrnn.data.streams import BatchStreams, StreamPosition
+from charrnn.share.publish import model_card
 from charrnn.training.callbacks import Callback, MetricsLog
 from charrnn.training.trainer import Trainer, train
 
@@ -253,6 +254,10 @@ def test_a_mixed_run_resumes_bit_exactly_and_reports_each_corpus(two_corpora, tm
     sizes = [len(Path(p).read_text(encoding="utf-8")) // 10 for p in (small, large)]  # about each validation part
     expected = (each[small] * sizes[0] + each[large] * sizes[1]) / sum(sizes)
     assert evals[-1]["val_loss"] == pytest.approx(expected, rel=1e-2)  # weighted by size
+    card = model_card(whole.best, "someone/mixed").text  # the Hub card names both, with their shares
+    assert "| `small.txt`, share 30% | 3,000 | 1 |" in card and "| `large.txt`, share 70% | 12,000 | 1 |" in card
+    assert "trained with\ncharrnn on `small.txt` and `large.txt`." in card
+    assert "Validated on each corpus's own validation part, weighted by size." in card
 
 
 @pytest.mark.parametrize(

@@ -114,7 +114,11 @@ def _data_rows(record: Any) -> tuple[list[str], str]:
         if isinstance(source, dict):
             name = _source_name(str(source.get("source", "?")))
             split = f" ({source['split']})" if source.get("split") else ""
-            rows.append(f"{name}{split} | {source.get('chars', 0):,} | {source.get('files', 1)} | `{source.get('sha256', '-')}`")
+            share = f", share {source['share']:.0%}" if isinstance(source.get("share"), (int, float)) else ""
+            chars, files, digest = source.get("chars", 0), source.get("files", 1), source.get("sha256", "-")
+            rows.append(f"{name}{split}{share} | {chars:,} | {files} | `{digest}`")
+    if isinstance(record.get("validation"), list):  # several corpora, each with its own validation part
+        return rows, "each corpus's own validation part, weighted by size"
     validation = record.get("validation") if isinstance(record.get("validation"), dict) else {}
     if validation.get("part") == "all of it":  # a validation source of its own
         split = f" ({validation['split']} split)" if validation.get("split") else ""
@@ -140,7 +144,9 @@ def model_card(
     ckpt = load_checkpoint(checkpoint)
     meta, config = ckpt.meta, ckpt.model.config
     train: dict[str, Any] = meta.get("train", {}) if isinstance(meta.get("train"), dict) else {}
-    data = str(train.get("data", "unknown"))
+    given = train.get("data", "unknown")
+    sources = [str(d) for d in given] if isinstance(given, list) else [str(given)]
+    data = sources[0]
     val = meta.get("best_val_loss")
     temperature = 0.8
     # Sampled as `charrnn sample --seed SEED` samples (default precision), so a reader can reproduce it.
@@ -151,9 +157,9 @@ def model_card(
         library_name="charrnn",
         pipeline_tag="text-generation",
         tags=["charrnn", "char-rnn", "character-level", config.cell, "text-generation"],
-        datasets=[data[3:]] if data.startswith("hf:") else None,
+        datasets=[d[3:] for d in sources if d.startswith("hf:")] or None,
         # charrnn's own keys: what a script reading the card wants without parsing the text.
-        corpus=corpus_name(data) if data != "unknown" else None,
+        corpus="+".join(map(corpus_name, sources)) if data != "unknown" else None,
         cell=config.cell,
         n_layers=config.n_layers,
         hidden_size=config.hidden_size,
@@ -177,7 +183,7 @@ def model_card(
         embedding_size=config.embedding_size,
         vocab_size=config.vocab_size,
         parameters=f"{count_parameters(ckpt.model):,}",
-        corpus_title=_corpus_title(data),
+        corpus_title=" and ".join(map(_corpus_title, sources)),
         data_rows=data_rows,
         validated_on=validated_on,
         val_loss=f"{val:.4f}" if val is not None else "not measured",
