@@ -292,5 +292,5 @@ def test_two_corpora_from_the_command_line_log_each_ones_loss(two_corpora, subpr
         tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "(each corpus's own validation part (2 corpora) validates)" in proc.stderr
+    assert "(the validation part of each of its 2 corpora validates)" in proc.stderr
     assert re.search(r"step +4 \| val [\d.]+ nats/char \([\d.]+ bpc\) \[small [\d.]+, large [\d.]+\] \(best\)", proc.stdout)

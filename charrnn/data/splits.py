@@ -212,7 +212,7 @@ def read_run_data(
     elif len(sources) == 1:
         validates = validation[0]["part"] if "chars" not in validation[0] else f"all of the {held_out!r} split of {sources[0]}"
     else:
-        validates = f"each corpus's own validation part ({len(sources)} corpora)"
+        validates = f"the validation part of each of its {len(sources)} corpora"
     train: Tokens | Mix = Mix(train_parts, shares) if mix is not None and len(sources) > 1 else joined(train_parts)
     record = {"sources": records, "validation": validation[0] if len(validation) == 1 else validation}
     return RunData(
