@@ -19,6 +19,7 @@ folder returned, with every file in it, must lie inside the Hub cache.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -192,6 +193,9 @@ def download_url(url: str, out: BinaryIO) -> None:
     from huggingface_hub import errors
     from huggingface_hub.file_download import http_get
 
+    # Its retries each log a warning; the HubError below is the one sentence the user gets.
+    quiet = logging.getLogger("huggingface_hub.file_download")
+    level, quiet.level = quiet.level, logging.ERROR
     try:
         with _guarded_session():
             http_get(url, out, resume_size=out.tell(), displayed_filename=url.rsplit("/", 1)[-1])
@@ -199,6 +203,8 @@ def download_url(url: str, out: BinaryIO) -> None:
         raise HubError("HF_HUB_OFFLINE is set, and the Hub client then fetches nothing") from None
     except (httpx2.HTTPError, errors.HfHubHTTPError, ValueError) as exc:
         raise HubError(_first_line(exc)) from None
+    finally:
+        quiet.setLevel(level)
 
 
 def upload_folder(

@@ -313,13 +313,14 @@ def test_shakespeare_download_of_a_wrong_file_is_rejected_and_not_kept(data_dir,
     assert list(folder.iterdir()) == []  # no partial file either
 
 
-def test_shakespeare_unreachable_url_says_where_to_put_the_file(data_dir, monkeypatch):
+def test_shakespeare_unreachable_url_says_where_to_put_the_file(data_dir, monkeypatch, capfd):
     monkeypatch.setenv("CHARRNN_SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")  # nothing listens on port 9
     online(monkeypatch)
     dest = data_dir / "shakespeare" / "input.txt"
     with pytest.raises(CorpusError, match="could not download Tiny Shakespeare.*put the file at " + re.escape(str(dest))):
         load_corpus("shakespeare")
     assert not dest.exists()
+    assert "Trying to resume" not in capfd.readouterr().err  # the downloader's retries say nothing: the error is the sentence
 
 
 def test_corrupt_cached_shakespeare_is_a_corpus_error(data_dir):
