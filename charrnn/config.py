@@ -346,10 +346,53 @@ class SampleConfig:
     stop: tuple[str, ...] = field(
         default=(), metadata=field_help("stop when the text produces this string (repeatable)", cli=False)
     )
+    frequency_penalty: float = field(
+        default=0.0,
+        metadata=field_help(
+            "OpenAI's: lower each character's logit by this times its count in the text generated so far (-2 to 2)"
+        ),
+    )
+    presence_penalty: float = field(
+        default=0.0,
+        metadata=field_help("OpenAI's: lower the logit of each character the generated text holds already (-2 to 2)"),
+    )
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata=field_help(
+            "Hugging Face's: divide the positive logits (multiply the negative ones) of the characters of the last "
+            "--penalty-window generated characters by this (1: off)"
+        ),
+    )
+    dry_multiplier: float = field(
+        default=0.0,
+        metadata=field_help(
+            "DRY: a character that would continue a repeat of N >= --dry-allowed-length characters of the generated "
+            "text loses dry_multiplier x dry_base^(N - allowed length) from its logit (0: off; 0.8 is a common start)"
+        ),
+    )
+    dry_base: float = field(default=1.75, metadata=field_help("DRY: how fast its penalty grows with the repeat's length"))
+    dry_allowed_length: int = field(default=2, metadata=field_help("DRY: the longest repeat left unpenalised"))
+    penalty_window: int = field(
+        default=256, metadata=field_help("the repetition penalty and DRY look at this many last generated characters")
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check(self.length >= 0, f"length must be >= 0, got {self.length}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            _check(-2 <= value <= 2, f"{name} must be between -2 and 2 (0 turns it off), got {value}")
+        _check(
+            self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
+            f"repetition_penalty must be a positive number (1 turns it off), got {self.repetition_penalty}",
+        )
+        _check(
+            0 <= self.dry_multiplier <= 100,
+            f"dry_multiplier must be between 0 and 100 (0 turns it off), got {self.dry_multiplier}",
+        )
+        _check(1 <= self.dry_base <= 10, f"dry_base must be between 1 and 10, got {self.dry_base}")
+        _check(self.dry_allowed_length >= 1, f"dry_allowed_length must be at least 1, got {self.dry_allowed_length}")
+        _check(1 <= self.penalty_window <= 100_000, f"penalty_window must be between 1 and 100,000, got {self.penalty_window}")
         _check(
             self.temperature >= 0 and math.isfinite(self.temperature),
             f"temperature must be >= 0 (0 means greedy), got {self.temperature}",
@@ -363,6 +406,11 @@ class SampleConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty looks at the generated text (each pick then depends on the ones before)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1 or self.dry_multiplier)
 
     @classmethod
     def from_options(cls, base: "SampleConfig | None" = None, **options: Any) -> "SampleConfig":

@@ -191,6 +191,17 @@ def test_without_a_seed_the_answer_names_one_that_reproduces_it(server):
     assert again["choices"][0]["text"] == first["choices"][0]["text"]
 
 
+def test_penalties_through_the_sdk_are_the_library_penalties(server, sampler):
+    penalties = dict(frequency_penalty=0.7, presence_penalty=0.3)
+    extra = dict(repetition_penalty=1.3, dry_multiplier=0.8, dry_allowed_length=3, penalty_window=64)
+    answer = client(server).completions.create(
+        model="tiny", prompt="ROMEO:\n", max_tokens=80, temperature=0.9, seed=7, **penalties, extra_body=extra
+    )
+    expected = sampler.generate("ROMEO:\n", length=80, temperature=0.9, seed=7, **penalties, **extra)
+    assert answer.choices[0].text == expected and not getattr(answer, "warnings", None)
+    assert expected != sampler.generate("ROMEO:\n", length=80, temperature=0.9, seed=7)
+
+
 def test_unknown_fields_are_ignored_and_named(server):
     status, _, body = request(server, "POST", "/v1/chat/completions", chat_body(max_tokens=5, temprature=0.1, user="u"))
     answer = json.loads(body)
@@ -285,10 +296,17 @@ def test_the_state_cache_is_bounded_by_count_and_bytes(sampler):
         ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "stop": [""]}', "stop", "non-empty strings"),
         (
             "/v1/chat/completions",
-            b'{"messages": [{"role": "user", "content": "a"}], "presence_penalty": 1}',
+            b'{"messages": [{"role": "user", "content": "a"}], "presence_penalty": 2.5}',
             "presence_penalty",
-            "not supported",
+            "presence_penalty must be between -2 and 2",
         ),
+        (
+            "/v1/completions",
+            b'{"prompt": "a", "dry_multiplier": -1}',
+            "dry_multiplier",
+            "dry_multiplier must be between 0 and 100",
+        ),
+        ("/v1/completions", b'{"prompt": "a", "repetition_penalty": "2"}', "repetition_penalty", "number"),
         (
             "/v1/chat/completions",
             b'{"messages": [{"role": "user", "content": "a"}], "logprobs": true}',

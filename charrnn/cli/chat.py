@@ -11,6 +11,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,9 @@ class Terminal:
                 self.say(f"error: {exc}")
 
 
+SAMPLE_FIELDS = {f.name for f in fields(SampleConfig)} - {"stop"}
+
+
 def run(argv: list[str], prog: str = "charrnn-chat") -> int:
     args = build_parser(prog).parse_args(argv)
     template = template_from(args)
@@ -200,12 +204,7 @@ def run(argv: list[str], prog: str = "charrnn-chat") -> int:
     if args.preamble_file:
         preamble = read_text_file(args.preamble_file, f"--preamble-file {args.preamble_file}", MAX_PROMPT_CHARS, ConfigError)
     config = SampleConfig.from_options(  # checked before the (slower) model load
-        length=args.length,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=tuple(unescape(s) for s in args.stop) or None,
+        **{k: v for k, v in vars(args).items() if k in SAMPLE_FIELDS}, stop=tuple(unescape(s) for s in args.stop) or None
     )
     options = {k: v for k, v in vars(config).items() if k != "seed" and (k != "stop" or args.stop)}
     sampler = load(args.checkpoint, device=args.device, dtype=args.precision)

@@ -12,7 +12,7 @@ from ..config import SampleConfig
 from ..errors import PromptError
 from ..generation.sampler import MAX_PROMPT_CHARS, load
 from ..tokenizer import is_surrogate
-from .options import add_fields, add_runtime_options, new_parser, run_cli
+from .options import add_fields, add_runtime_options, new_parser, pick, run_cli
 
 HELP = "generate text from a trained model"
 
@@ -45,13 +45,8 @@ def run(argv: list[str], prog: str = "sample.py") -> int:
             raise PromptError(
                 f"{what} has more than {MAX_PROMPT_CHARS:,} characters; a char-RNN remembers far less: pass the last part of it"
             )
-    config = SampleConfig(  # checked before the (slower) model load
-        length=args.length,
-        temperature=0.0 if args.greedy else args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=tuple(args.stop),
+    config = pick(  # checked before the (slower) model load
+        SampleConfig, {**vars(args), "temperature": 0.0 if args.greedy else args.temperature, "stop": tuple(args.stop)}
     )
     sampler = load(args.checkpoint, device=args.device, dtype=args.precision)
     out = sys.stdout

@@ -1,7 +1,8 @@
-"""Logits processors: temperature, top-k, top-p, and the one rule that picks a character from them.
+"""Logits processors: penalties, temperature, top-k, top-p, and the one rule that picks a character.
 
 The fused kernel applies the same rule (``csrc/step.cpp``), so a seed gives the same
-uniforms, and the same text, on every path.
+uniforms, and the same text, on every path. The penalties depend on the text generated
+so far, so a penalised run picks in torch (:class:`Penalties`) between the stepper's steps.
 """
 
 from __future__ import annotations
@@ -58,3 +59,66 @@ def new_generator(seed: int | None) -> torch.Generator:
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little") & MAX_SEED
     return torch.Generator().manual_seed(seed)
+
+
+DRY_MAX_EXPONENT = 30  # a long loop's DRY penalty stops growing here (base**30 is already decisive)
+
+
+class Penalties:
+    """The repetition penalties of one sampling run, over the text it generates, per stream.
+
+    - ``frequency_penalty`` / ``presence_penalty`` (OpenAI's): minus the penalty times a
+      character's count, and minus the penalty once it occurs, over all the generated text;
+    - ``repetition_penalty`` (Hugging Face's): the logits of the characters of the last
+      ``penalty_window`` generated ones divided by it where positive, multiplied where negative;
+    - DRY: where the generated text ends with N characters that occurred before, the
+      character that followed them then loses ``dry_multiplier * dry_base ** (N -
+      dry_allowed_length)`` (for N >= the allowed length), over the last ``penalty_window``.
+
+    ``pick(logits, uniforms)`` applies them, picks as :func:`pick_next`, and remembers the picks.
+    """
+
+    def __init__(self, config: SampleConfig, streams: int, vocab: int, device: torch.device):
+        self.config = config
+        self.counts = torch.zeros(streams, vocab, dtype=torch.float64, device=device)
+        # The window of the last generated tokens, and for each of its positions j the length of the
+        # longest text before j that equals the text's end (DRY's repeat length were hist[j] picked next).
+        self.history = torch.zeros(streams, 0, dtype=torch.int64, device=device)
+        self.repeat = torch.zeros(streams, 0, dtype=torch.int64, device=device)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (B, V) with the penalties of the text so far, in float64."""
+        c, logits = self.config, logits.to(torch.float64)
+        if c.frequency_penalty or c.presence_penalty:
+            logits = logits - c.frequency_penalty * self.counts - c.presence_penalty * (self.counts > 0)
+        if self.history.size(1) and c.repetition_penalty != 1:
+            seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, self.history, True)
+            scaled = torch.where(logits > 0, logits / c.repetition_penalty, logits * c.repetition_penalty)
+            logits = torch.where(seen, scaled, logits)
+        if self.history.size(1) and c.dry_multiplier:
+            longest = torch.zeros_like(logits).scatter_reduce(1, self.history, self.repeat.to(logits), "amax")
+            excess = (longest - c.dry_allowed_length).clamp(max=DRY_MAX_EXPONENT)
+            logits = logits - torch.where(longest >= c.dry_allowed_length, c.dry_multiplier * c.dry_base**excess, 0.0)
+        return logits
+
+    def push(self, tokens: torch.Tensor) -> None:
+        """Remember the picked ``tokens`` (B,)."""
+        tokens = tokens.to(self.counts.device, torch.int64)
+        self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(self.counts[:, :1]))
+        if self.history.size(1):
+            # Position j + 1 now ends a repeat one longer where the token before it is the one just picked.
+            extended = torch.where(self.history == tokens[:, None], self.repeat + 1, 0)
+            self.repeat = torch.cat([torch.zeros_like(extended[:, :1]), extended], dim=1)
+        else:
+            self.repeat = torch.zeros_like(tokens[:, None])
+        self.history = torch.cat([self.history, tokens[:, None]], dim=1)
+        drop = self.history.size(1) - self.config.penalty_window
+        if drop > 0:
+            self.history, self.repeat = self.history[:, drop:], self.repeat[:, drop:]
+            self.repeat = torch.minimum(self.repeat, torch.arange(self.repeat.size(1), device=self.repeat.device))
+
+    def pick(self, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """The next tokens (B,) under the penalties, then remembered."""
+        tokens = pick_next(self.apply(logits), self.config, uniforms)
+        self.push(tokens)
+        return tokens

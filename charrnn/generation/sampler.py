@@ -34,8 +34,8 @@ from ..model import CharRNN, State
 from ..tokenizer import CharTokenizer
 from .chat import ChatSession
 from .native import BatchedStepper, NativeStepper, has_tiles, load_kernel
-from .processors import new_generator
-from .stepper import Context, StateAfter, Stepper, choose_stepper
+from .processors import Penalties, new_generator
+from .stepper import Context, StateAfter, Stepper, choose_stepper, run_steps
 from .stops import StopScanner
 
 MAX_PROMPT_CHARS = 100_000
@@ -88,11 +88,16 @@ class _Run:
         from the generator in order, so the text does not depend on the chunk size."""
         stepper = self.sampler.stepper(self.streams)
         logits, hidden, length = self.start.logits, self.start.hidden, self.config.length
+        # Penalties depend on the text so far: the stepper steps, and the picks run in torch between.
+        penalties = Penalties(self.config, self.streams, logits.size(-1), logits.device) if self.config.penalized else None
         with torch.no_grad():
             for produced in range(0, length, _SAMPLE_CHUNK):
                 count = min(_SAMPLE_CHUNK, length - produced)
                 uniforms = torch.rand(count, self.streams, generator=self.generator, dtype=torch.float64)
-                tokens, state = sample_steps(stepper, logits, hidden, self.config, uniforms, self.track)
+                if penalties is not None:
+                    tokens, state = run_steps(stepper.step, penalties.pick, logits, hidden, uniforms, self.track)
+                else:
+                    tokens, state = sample_steps(stepper, logits, hidden, self.config, uniforms, self.track)
                 logits, hidden = state(count - 1)
                 yield tokens, state
 

@@ -45,6 +45,9 @@ class Job:
 
 
 _SAMPLE_FIELDS = {f.name for f in fields(SampleConfig)}
+# The request fields that are SampleConfig's own, by the same names (the seed and the stops come apart).
+_REQUEST_SAMPLING = ("temperature", "top_k", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
+                     "dry_multiplier", "dry_base", "dry_allowed_length", "penalty_window")  # fmt: skip
 
 
 def _sample_config(request: SamplingRequest, config: ServeConfig, length: int | None, stops: tuple[str, ...]) -> SampleConfig:
@@ -52,7 +55,7 @@ def _sample_config(request: SamplingRequest, config: ServeConfig, length: int | 
     seed = request.seed
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little") & MAX_SEED  # returned, so the answer can be reproduced
-    options = {"temperature": request.temperature, "top_k": request.top_k, "top_p": request.top_p, "seed": seed}
+    options = {name: getattr(request, name) for name in _REQUEST_SAMPLING} | {"seed": seed}
     try:
         return SampleConfig.from_options(length=config.default_length if length is None else length, stop=stops, **options)
     except ConfigError as exc:

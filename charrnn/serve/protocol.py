@@ -12,13 +12,15 @@ extra field is ignored unless ignoring it would mislead the client):
 - honoured: ``model`` (any name is accepted; the answer names the model that wrote it),
   ``prompt`` / ``messages``, ``max_tokens`` / ``max_completion_tokens`` (characters
   here), ``temperature``, ``top_p``, ``top_k``, ``stop``, ``seed``, ``n``, ``stream``,
-  ``stream_options.include_usage``, ``echo`` (completions);
+  ``stream_options.include_usage``, ``echo`` (completions), ``presence_penalty`` and
+  ``frequency_penalty`` (OpenAI's meaning, over the generated text), and the extensions
+  ``repetition_penalty`` (vLLM's and Hugging Face's), ``dry_multiplier``, ``dry_base``,
+  ``dry_allowed_length`` and ``penalty_window`` (:class:`~charrnn.config.SampleConfig`);
 - ignored: ``user``, ``metadata``, ``store``, ``service_tier``, ``parallel_tool_calls``,
-  a message's ``name``, and fields at their neutral value (``presence_penalty: 0``,
-  ``logit_bias: {}``, ``logprobs: false``, ``response_format: {"type": "text"}``,
+  a message's ``name``, and fields at their neutral value (``logit_bias: {}``, ``logprobs: false``, ``response_format: {"type": "text"}``,
   ``tools: []``, ``tool_choice: "none"``/``"auto"`` without tools, ``best_of`` equal to
   ``n``); any other unknown field is ignored and named in the answer's ``warnings``;
-- refused (400 naming the field): penalties, logit biases, log-probabilities, JSON
+- refused (400 naming the field): logit biases, log-probabilities, JSON
   response formats, tools and function calls, ``suffix``, ``best_of`` above ``n``:
   a char-RNN cannot honour them, and an answer without them would look like one with.
 
@@ -177,8 +179,6 @@ def _one_string(value: Any) -> Any:
 
 # The fields a char-RNN cannot honour, and when each asks for nothing (accepted, ignored); otherwise refused.
 _NEUTRAL: dict[str, Callable[[Any], bool]] = {
-    "presence_penalty": lambda v: v in (None, 0),
-    "frequency_penalty": lambda v: v in (None, 0),
     "logit_bias": lambda v: v in (None, {}),
     "logprobs": lambda v: v in (None, False, 0) and not isinstance(v, float),
     "top_logprobs": lambda v: v in (None, 0),
@@ -225,9 +225,15 @@ class SamplingRequest(BaseModel):
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # honoured extensions (vLLM's repetition_penalty; the DRY sampler's settings, as text-generation servers name them)
+    repetition_penalty: float | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    penalty_window: int | None = None
     # refused unless neutral (_NEUTRAL), whichever endpoint is asked
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
     logit_bias: Any = None
     logprobs: Any = None
     top_logprobs: Any = None
