@@ -20,6 +20,7 @@ import torch
 
 import charrnn
 from charrnn.config import ModelConfig, TrainConfig
+from charrnn.training.callbacks import Callback
 from charrnn.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,3 +234,14 @@ def small_corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("small_corpus") / "small.txt"
     path.write_text(make_text(seed=1, n_chars=900), encoding="utf-8")
     return path
+
+
+class CrashAt(Callback):
+    """Raises after step ``step``, as a crash between two evaluations would end the run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, trainer, loss: float) -> None:
+        if trainer.step == self.step:
+            raise RuntimeError("crash (injected by the test)")

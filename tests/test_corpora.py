@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TRAIN_FLAGS, TRAIN_SCRIPT, make_text, run_python, tiny_model_config, tiny_train_config
+from conftest import TINY_TRAIN_FLAGS, TRAIN_SCRIPT, CrashAt, make_text, run_python, tiny_model_config, tiny_train_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -20,7 +20,7 @@ from charrnn.data.parts import TokenParts
 from charrnn.data.splits import read_run_data
 from charrnn.data.streams import BatchStreams, StreamPosition
 from charrnn.share.publish import model_card
-from charrnn.training.callbacks import Callback, MetricsLog
+from charrnn.training.callbacks import MetricsLog
 from charrnn.training.trainer import Trainer, train
 
 
@@ -220,15 +220,6 @@ def test_a_mix_draws_its_shares_in_every_batch_and_every_process(two_corpora):
     assert len(plain.train) == len(data.train) and plain.record["sources"][0]["share"] == pytest.approx(0.2, abs=0.01)
 
 
-class _CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, trainer, loss: float) -> None:
-        if trainer.step == self.step:
-            raise RuntimeError("crash (injected by the test)")
-
-
 def test_a_mixed_run_resumes_bit_exactly_and_reports_each_corpus(two_corpora, tmp_path):
     small, large = map(str, two_corpora)
 
@@ -238,7 +229,7 @@ def test_a_mixed_run_resumes_bit_exactly_and_reports_each_corpus(two_corpora, tm
 
     whole = train(config(tmp_path / "whole"), tiny_model_config())
     with pytest.raises(RuntimeError, match="injected"):
-        train(config(tmp_path / "split"), tiny_model_config(), callbacks=[MetricsLog(), _CrashAt(33)])
+        train(config(tmp_path / "split"), tiny_model_config(), callbacks=[MetricsLog(), CrashAt(33)])
     resumed = train(config(tmp_path / "split", resume=str(tmp_path / "split")), tiny_model_config())
     assert resumed.step == 40
     a, b = load_file(whole.last / "model.safetensors"), load_file(resumed.last / "model.safetensors")

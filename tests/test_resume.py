@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, TINY_TRAIN_FLAGS, run_python, tiny_model_config, tiny_train_config
+from conftest import REPO, TINY_TRAIN_FLAGS, CrashAt, run_python, tiny_model_config, tiny_train_config
 from safetensors.torch import load_file
 
 from charrnn.checkpoint import load_checkpoint
@@ -164,17 +164,6 @@ def test_resume_given_the_run_folder_takes_its_last(tmp_path, corpus_file):
         load_checkpoint(tmp_path / "only_best", with_training_state=True)
 
 
-class _CrashAt(Callback):
-    """Raises after step ``step``, as a crash between two evaluations would end the run."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, trainer, loss: float) -> None:
-        if trainer.step == self.step:
-            raise RuntimeError("crash (injected by the test)")
-
-
 def test_a_run_that_crashes_between_evaluations_resumes_from_its_save_every_save(tmp_path, corpus_file):
     """--save-every writes last between evaluations (here before every step); a run that crashed at
     step 9 of 12, with no evaluation since step 0, resumes from step 8 and ends as an unbroken run."""
@@ -184,7 +173,7 @@ def test_a_run_that_crashes_between_evaluations_resumes_from_its_save_every_save
 
     straight = train(config(tmp_path / "a"), tiny_model_config(dropout=0.2), callbacks=[MetricsLog()])
     with pytest.raises(RuntimeError, match="injected"):
-        train(config(tmp_path / "b", save_every=1e-9), tiny_model_config(dropout=0.2), callbacks=[MetricsLog(), _CrashAt(9)])
+        train(config(tmp_path / "b", save_every=1e-9), tiny_model_config(dropout=0.2), callbacks=[MetricsLog(), CrashAt(9)])
     saved = json.loads((tmp_path / "b" / "last" / "training_state.json").read_text(encoding="utf-8"))
     assert saved["step"] == 8  # saved before step 9 began
     assert not (tmp_path / "b" / "best").exists()  # saves, not evaluations
@@ -205,7 +194,7 @@ def test_a_restarted_worker_group_resumes_from_its_own_jobs_last_save(tmp_path, 
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     with pytest.raises(RuntimeError, match="injected"):
-        train(config, tiny_model_config(), callbacks=[MetricsLog(), _CrashAt(7)])
+        train(config, tiny_model_config(), callbacks=[MetricsLog(), CrashAt(7)])
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     messages = []
 
