@@ -38,6 +38,8 @@ def test_token_parts_read_as_the_joined_array(sizes, picks):
         np.testing.assert_array_equal(joined[index], whole[index])
         np.testing.assert_array_equal(joined[index.reshape(-1, 1)], whole[index.reshape(-1, 1)])
         np.testing.assert_array_equal(joined[picks[0] % len(whole) :], whole[picks[0] % len(whole) :])
+        a, b = sorted(p % (len(whole) + 1) for p in (picks + picks)[:2])
+        np.testing.assert_array_equal(joined[a:b], whole[a:b])  # a stretch across segments, read by slices
 
 
 def test_batches_over_parts_equal_batches_over_the_joined_tokens():

@@ -11,7 +11,6 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,16 @@ from ..config import SampleConfig
 from ..errors import CharRNNError, ConfigError
 from ..generation.chat import ChatSession, ChatTemplate
 from ..generation.sampler import MAX_PROMPT_CHARS, load
-from .options import add_fields, add_runtime_options, add_template_options, new_parser, run_cli, template_from, unescape
+from .options import (
+    add_fields,
+    add_runtime_options,
+    add_template_options,
+    new_parser,
+    pick,
+    run_cli,
+    template_from,
+    unescape,
+)
 
 HELP = "chat with a trained model in the terminal"
 
@@ -194,18 +202,13 @@ class Terminal:
                 self.say(f"error: {exc}")
 
 
-SAMPLE_FIELDS = {f.name for f in fields(SampleConfig)} - {"stop"}
-
-
 def run(argv: list[str], prog: str = "charrnn-chat") -> int:
     args = build_parser(prog).parse_args(argv)
     template = template_from(args)
     preamble = unescape(args.preamble)
     if args.preamble_file:
         preamble = read_text_file(args.preamble_file, f"--preamble-file {args.preamble_file}", MAX_PROMPT_CHARS, ConfigError)
-    config = SampleConfig.from_options(  # checked before the (slower) model load
-        **{k: v for k, v in vars(args).items() if k in SAMPLE_FIELDS}, stop=tuple(unescape(s) for s in args.stop) or None
-    )
+    config = pick(SampleConfig, {**vars(args), "stop": tuple(unescape(s) for s in args.stop)})  # checked before the model load
     options = {k: v for k, v in vars(config).items() if k != "seed" and (k != "stop" or args.stop)}
     sampler = load(args.checkpoint, device=args.device, dtype=args.precision)
     terminal = Terminal(ChatSession(sampler, args.seed, template=template, preamble=preamble, **options))

@@ -84,7 +84,7 @@ def run(argv: list[str], prog: str = "charrnn score") -> int:
         texts = [
             (
                 f"the validation split of {name or train.get('data')!r} ({data.validates})",
-                ckpt.tokenizer.decode(val[0 : len(val)].tolist()),
+                ckpt.tokenizer.decode(val[:].tolist()),
             )
             for name, val in parts
         ]

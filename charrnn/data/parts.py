@@ -33,7 +33,7 @@ class TokenParts:
             start, stop, step = index.indices(len(self))
             if step != 1:
                 raise IndexError("TokenParts takes contiguous slices only")
-            return self[np.arange(start, stop)]
+            return self._slice(start, max(start, stop))
         index = np.asarray(index, dtype=np.int64)
         if index.size and (index.min() < 0 or index.max() >= len(self)):
             raise IndexError("index out of range")
@@ -45,6 +45,19 @@ class TokenParts:
             mask = base == b
             out[mask] = self.bases[b][offset[mask]]
         return out
+
+    def _slice(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``start:stop``: each segment they cross read as one contiguous slice of its base."""
+        pieces = []
+        first = max(int(np.searchsorted(self._starts, start, side="right")) - 1, 0)
+        for k in range(first, len(self._base)):
+            lo, hi = max(start, int(self._starts[k])), min(stop, int(self._starts[k + 1]))
+            if lo >= stop:
+                break
+            if hi > lo:
+                offset = int(self._from[k]) - int(self._starts[k])
+                pieces.append(np.asarray(self.bases[self._base[k]][offset + lo : offset + hi]))
+        return np.concatenate(pieces).astype(self.dtype, copy=False) if pieces else np.empty(0, dtype=self.dtype)
 
 
 Tokens = np.ndarray | TokenParts  # what a split is read through

@@ -56,8 +56,7 @@ def line_cut(tokens: np.ndarray, start: int, stop: int, newline: int | None) -> 
     found = np.flatnonzero(np.asarray(tokens[lo:hi]) == newline)
     if not len(found):
         return cut
-    nearest = lo + int(found[np.argmin(np.abs(lo + found + 1 - cut))]) + 1
-    return nearest
+    return lo + int(found[np.argmin(np.abs(lo + found + 1 - cut))]) + 1
 
 
 def split_tokens(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

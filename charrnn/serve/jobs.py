@@ -46,8 +46,7 @@ class Job:
 
 _SAMPLE_FIELDS = {f.name for f in fields(SampleConfig)}
 # The request fields that are SampleConfig's own, by the same names (the seed and the stops come apart).
-_REQUEST_SAMPLING = ("temperature", "top_k", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
-                     "dry_multiplier", "dry_base", "dry_allowed_length", "penalty_window")  # fmt: skip
+_REQUEST_SAMPLING = sorted((_SAMPLE_FIELDS & set(SamplingRequest.model_fields)) - {"seed", "stop"})
 
 
 def _sample_config(request: SamplingRequest, config: ServeConfig, length: int | None, stops: tuple[str, ...]) -> SampleConfig:

@@ -52,7 +52,7 @@ def merge_resume_config(
     try:  # config.json carries no checksum of its own: check its training settings before using them
         if not isinstance(saved_train, dict):
             raise ConfigError(f"'train' is a {type(saved_train).__name__}, not an object")
-        TrainConfig(**{f.name: saved_train[f.name] for f in fields(TrainConfig) if f.name in saved_train})
+        checked = TrainConfig(**{f.name: saved_train[f.name] for f in fields(TrainConfig) if f.name in saved_train})
         # A saved run's settings were all chosen before it trained: an auto (None) one is damage.
         unset = [f.name for f in fields(TrainConfig) if f.metadata.get("auto") and saved_train.get(f.name, 0) is None]
         if unset:
@@ -68,8 +68,8 @@ def merge_resume_config(
                 f"--{name.replace('_', '-')} {getattr(model_config, name)} does not fit the checkpoint, whose model "
                 f"has {saved_model.get(name)}: a resumed run keeps its model shape; drop the flag or start a new run"
             )
-    # Read back as TrainConfig holds them: JSON gave lists where it keeps tuples (several corpora, a mix).
-    train_values = {f.name: _as_saved(saved_train.get(f.name, getattr(config, f.name))) for f in fields(TrainConfig)}
+    # As the checked TrainConfig holds them (JSON gave lists where it keeps tuples: several corpora, a mix).
+    train_values = {f.name: getattr(checked if f.name in saved_train else config, f.name) for f in fields(TrainConfig)}
     model_values = dict(saved_model)
     for name in sorted(explicit):
         target = model_values if name in model_values else train_values
@@ -82,10 +82,6 @@ def merge_resume_config(
     if "out" not in explicit:  # the run goes on where its checkpoint is, even if it was moved since
         train_values["out"] = str(saved.path.parent)
     return TrainConfig(**train_values), ModelConfig(**model_values)
-
-
-def _as_saved(value: Any) -> Any:
-    return (value[0] if len(value) == 1 else tuple(value)) if isinstance(value, list) else value
 
 
 def fine_tune_model_config(model_config: ModelConfig, base: Checkpoint, explicit: set[str]) -> ModelConfig:
