@@ -9,6 +9,7 @@ caller writes them; the CLI reports them as its flags (``--hidden-size``).
 from __future__ import annotations
 
 import functools
+import json
 import math
 import numbers
 import types
@@ -24,6 +25,9 @@ DTYPES = ("auto", "float32", "bfloat16")
 NEW_CHARS = ("grow", "unk")  # what a fine-tuned run does with characters its model never saw
 LOGGERS = ("none", "tensorboard")
 MAX_SEED = (1 << 63) - 1  # torch.Generator takes 64 bits; 63 leave room for the per-process offsets
+MAX_LOGPROBS = 20  # alternatives reported per character, as OpenAI's top_logprobs
+# Constraints are compiled for each request: their size is bounded before the compiler sees them.
+MAX_REGEX_CHARS, MAX_CHOICES, MAX_CHOICE_CHARS, MAX_SCHEMA_CHARS = 10_000, 1_000, 1_000, 100_000
 
 
 def check_seed(seed: int | None, name: str = "seed") -> None:
@@ -375,6 +379,19 @@ class SampleConfig:
     penalty_window: int = field(
         default=256, metadata=field_help("the repetition penalty and DRY look at this many last generated characters")
     )
+    logprobs: int | None = field(
+        default=None,
+        metadata=field_help(
+            f"return each generated character's log-probability and the K likeliest alternatives (0 to {MAX_LOGPROBS}; "
+            "off when not given)"
+        ),
+    )
+    # Structured outputs (charrnn.generation.constraints): at most one of the three.
+    regex: str | None = field(default=None, metadata=field_help("the text must match this regular expression"))
+    choices: tuple[str, ...] = field(default=(), metadata=field_help("the text must be one of these strings", cli=False))
+    json_schema: str | None = field(
+        default=None, metadata=field_help("the text must be JSON that fits this JSON schema (its JSON text)", cli=False)
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -402,6 +419,25 @@ class SampleConfig:
         check_seed(self.seed)
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        _check(
+            self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+            f"logprobs must be from 0 to {MAX_LOGPROBS} alternatives, got {self.logprobs}",
+        )
+        given = [name for name in ("regex", "choices", "json_schema") if getattr(self, name)]
+        _check(len(given) <= 1, f"{' and '.join(given)} were both given: constrain the text by one of them")
+        _check(self.regex != "", "regex is empty: give a pattern, or leave it out")
+        _check(
+            len(self.regex or "") <= MAX_REGEX_CHARS,
+            f"regex has {len(self.regex or ''):,} characters; the limit is {MAX_REGEX_CHARS:,}",
+        )
+        _check(
+            len(self.choices) <= MAX_CHOICES and all(isinstance(c, str) and 0 < len(c) <= MAX_CHOICE_CHARS for c in self.choices),
+            f"choices must be at most {MAX_CHOICES} non-empty strings of at most {MAX_CHOICE_CHARS:,} characters",
+        )
+        _check(
+            len(self.json_schema or "") <= MAX_SCHEMA_CHARS,
+            f"json_schema has {len(self.json_schema or ''):,} characters of JSON; the limit is {MAX_SCHEMA_CHARS:,}",
+        )
 
     @property
     def greedy(self) -> bool:
@@ -412,6 +448,16 @@ class SampleConfig:
         """Whether a penalty looks at the generated text (each pick then depends on the ones before)."""
         return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1 or self.dry_multiplier)
 
+    @property
+    def constrained(self) -> bool:
+        """Whether the text must match a regex, be one of some choices or fit a JSON schema."""
+        return bool(self.regex or self.choices or self.json_schema)
+
+    @property
+    def controlled(self) -> bool:
+        """Whether each pick runs through the controls in torch (penalties, a constraint, log-probabilities)."""
+        return self.penalized or self.constrained or self.logprobs is not None
+
     @classmethod
     def from_options(cls, base: "SampleConfig | None" = None, **options: Any) -> "SampleConfig":
         """``base`` (default: the defaults) with ``options`` as a front end passes them: None
@@ -421,15 +467,25 @@ class SampleConfig:
         _check(not unknown, f"unknown sampling option(s) {', '.join(unknown)}; the options are {', '.join(sorted(names))}")
         values = asdict(base) if base is not None else {}
         values.update({k: v for k, v in options.items() if v is not None})
-        stop = values.get("stop")
-        if isinstance(stop, str):
-            values["stop"] = (stop,)
-        elif stop is not None and not isinstance(stop, tuple):
+        for name in ("stop", "choices"):
+            values[name] = _strings(values.get(name, ()), name)
+        schema = values.get("json_schema")
+        if schema is not None and not isinstance(schema, str):  # a schema given as the object it is
             try:
-                values["stop"] = tuple(stop)
-            except TypeError:
-                raise ConfigError(f"stop must be a string or a list of strings, got {stop!r}") from None
+                values["json_schema"] = json.dumps(schema)
+            except (TypeError, ValueError):
+                raise ConfigError("json_schema must be a JSON schema, as a dict or its JSON text") from None
         return cls(**values)
+
+
+def _strings(value: Any, name: str) -> tuple[str, ...]:
+    """One string, or any sequence of strings, as a tuple (``stop``, ``choices``)."""
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a string or a list of strings, got {value!r}") from None
 
 
 SAMPLE_DEFAULTS = SampleConfig()  # the one place every front end takes its sampling defaults from

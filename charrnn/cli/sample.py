@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import math
 import sys
 from collections.abc import Sequence
 
 from .._io import read_text_file
-from ..config import SampleConfig
-from ..errors import PromptError
+from ..config import MAX_SCHEMA_CHARS, SampleConfig
+from ..errors import ConfigError, PromptError
 from ..generation.sampler import MAX_PROMPT_CHARS, load
 from ..tokenizer import is_surrogate
 from .options import add_fields, add_runtime_options, new_parser, pick, run_cli
@@ -27,6 +29,16 @@ def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest character (temperature 0)")
     parser.add_argument("--num-samples", type=int, default=1, help="samples to generate side by side")
     parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    parser.add_argument(
+        "--choice", action="append", default=[], dest="choices", help="the text must be one of these strings (repeatable)"
+    )
+    parser.add_argument("--json-schema", metavar="FILE", help="the text must be JSON that fits the JSON schema in this file")
+    parser.add_argument(
+        "--beam", type=int, metavar="N", help="beam search: the N likeliest continuations found, with their log-probabilities"
+    )
+    parser.add_argument(
+        "--color", action="store_true", help="color each generated character by its probability (green: likely, red: not)"
+    )
     add_runtime_options(parser)
     add_fields(parser, SampleConfig, "sampling")
     return parser
@@ -45,16 +57,36 @@ def run(argv: list[str], prog: str = "sample.py") -> int:
             raise PromptError(
                 f"{what} has more than {MAX_PROMPT_CHARS:,} characters; a char-RNN remembers far less: pass the last part of it"
             )
-    config = pick(  # checked before the (slower) model load
-        SampleConfig, {**vars(args), "temperature": 0.0 if args.greedy else args.temperature, "stop": tuple(args.stop)}
-    )
+    schema = None
+    if args.json_schema:  # too long a schema is named by SampleConfig, from the one character over
+        schema = read_text_file(args.json_schema, f"--json-schema {args.json_schema}", MAX_SCHEMA_CHARS, ConfigError)
+    values = {**vars(args), "temperature": 0.0 if args.greedy else args.temperature, "stop": tuple(args.stop)}
+    if args.color and args.logprobs is None:
+        values["logprobs"] = 0  # the colors are the characters' probabilities
+    config = pick(SampleConfig, {**values, "choices": tuple(args.choices), "json_schema": schema})  # before the (slower) load
+    if args.beam is not None and (args.num_samples != 1 or config.controlled or config.stop):
+        raise ConfigError("--beam searches on its own: leave out --num-samples, --stop, the penalties and the constraints")
     sampler = load(args.checkpoint, device=args.device, dtype=args.precision)
     out = sys.stdout
-    if args.num_samples == 1:
+    if args.beam is not None:
+        for i, found in enumerate(sampler.beam_search(prompt, args.beam, config.length)):
+            out.write(f"--- beam {i + 1}: log-probability {found.logprob:.4f} ---\n{prompt}{found.text}\n")
+    elif args.logprobs is not None and not args.color:
+        reply = sampler.continue_from(sampler.read(prompt), config, keep_context=False)
+        for _ in reply:
+            pass
+        for record in reply.logprobs:
+            top = [{"char": ch, "logprob": round(lp, 6)} for ch, lp in record.top]
+            out.write(json.dumps({"char": record.char, "logprob": round(record.logprob, 6), "top": top}) + "\n")
+    elif args.num_samples == 1:
         pieces = sampler.continue_from(sampler.read(prompt), config, keep_context=False)  # reads (and checks) the prompt
         first = next(pieces, "")  # a refused prompt prints nothing
         out.write(prompt)
+        shown = 0
         for piece in itertools.chain((first,), pieces):
+            if args.color:
+                records, shown = pieces.logprobs[shown:], len(pieces.logprobs)
+                piece = "".join(_colored(r.char, r.logprob) for r in records)
             out.write(piece)
             out.flush()
         out.write("\n")
@@ -63,6 +95,18 @@ def run(argv: list[str], prog: str = "sample.py") -> int:
             out.write(f"--- sample {i + 1} ---\n{prompt}{text}\n")
     out.flush()
     return 0
+
+
+# (lowest probability, ANSI color): red below 10%, yellow below 50%, green from there on.
+_COLORS = ((0.5, "32"), (0.1, "33"), (0.0, "31"))
+
+
+def _colored(char: str, logprob: float) -> str:
+    """``char`` in the terminal color of its probability (a newline stays plain, so lines stay lines)."""
+    if char == "\n":
+        return char
+    color = next(code for low, code in _COLORS if math.exp(logprob) >= low)
+    return f"\x1b[{color}m{char}\x1b[0m"
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "sample.py") -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import find_latest_checkpoint, load_checkpoint
-from ..config import SampleConfig
+from ..config import MAX_LOGPROBS, SampleConfig
 from ..device import cpu_has_fast_bf16, resolve_device
 from ..errors import ConfigError, PromptError
 from ..evaluation import DYNAMIC_LR, dynamic_evaluate, evaluate
@@ -34,12 +35,14 @@ from ..model import CharRNN, State
 from ..tokenizer import CharTokenizer
 from .chat import ChatSession
 from .native import BatchedStepper, NativeStepper, has_tiles, load_kernel
-from .processors import Penalties, new_generator
+from .constraints import compile_constraint
+from .processors import Controls, TokenLogprob, new_generator
 from .stepper import Context, StateAfter, Stepper, choose_stepper, run_steps
 from .stops import StopScanner
 
 MAX_PROMPT_CHARS = 100_000
 MAX_SAMPLES = 4096  # streams sampled side by side in one call
+MAX_BEAM = 64
 PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 _PRIME_CHUNK = 2048
 _SAMPLE_CHUNK = 64  # characters sampled per call before the text is scanned for stop strings
@@ -82,47 +85,73 @@ class _Run:
         # still rewind into: at most the longest stop string back from the newest token.
         self.recent: list[tuple[int, int, StateAfter]] = []
         self.reach = max((len(stop) for stop in config.stop), default=0)
+        # Penalties, a constraint and log-probabilities pick in torch between the stepper's steps.
+        constraint = compile_constraint(sampler.tokenizer, config)
+        self.controls = (
+            Controls(config, self.streams, sampler.tokenizer, context.logits.device, constraint) if config.controlled else None
+        )
+        self.shown = [0] * self.streams  # characters released per stream: their log-probabilities are the first so many
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, StateAfter]]:
         """``config.length`` tokens per stream, as ``sample_steps`` chunks; the uniforms come
         from the generator in order, so the text does not depend on the chunk size."""
         stepper = self.sampler.stepper(self.streams)
-        logits, hidden, length = self.start.logits, self.start.hidden, self.config.length
-        # Penalties depend on the text so far: the stepper steps, and the picks run in torch between.
-        penalties = Penalties(self.config, self.streams, logits.size(-1), logits.device) if self.config.penalized else None
+        logits, hidden, length, controls = self.start.logits, self.start.hidden, self.config.length, self.controls
         with torch.no_grad():
             for produced in range(0, length, _SAMPLE_CHUNK):
                 count = min(_SAMPLE_CHUNK, length - produced)
                 uniforms = torch.rand(count, self.streams, generator=self.generator, dtype=torch.float64)
-                if penalties is not None:
-                    tokens, state = run_steps(stepper.step, penalties.pick, logits, hidden, uniforms, self.track)
+                if controls is not None:
+                    tokens, state = run_steps(
+                        stepper.step, controls.pick, logits, hidden, uniforms, self.track, lambda: controls.finished
+                    )
                 else:
                     tokens, state = sample_steps(stepper, logits, hidden, self.config, uniforms, self.track)
-                logits, hidden = state(count - 1)
+                logits, hidden = state(len(tokens) - 1)
                 yield tokens, state
+                if len(tokens) < count:
+                    return
 
     def pieces(self) -> Iterator[tuple[int, str]]:
         """(stream, text) pieces as soon as each is safe to show; stop strings never are."""
         active = list(range(self.streams))
         decode = self.sampler.tokenizer.decode
+        ended = self.controls.ended if self.controls is not None else [None] * self.streams
+        completed = 0  # streams whose constraint ended them
         for tokens, state in self.chunks():
             if self.track:
                 self._remember(len(tokens), state)
             for ids in tokens.tolist():
                 self.produced += 1
                 for i in active:
-                    piece = self.scanners[i].push(decode((ids[i],)))
+                    if ended[i] == self.produced - 1:  # its constraint is complete: the text held back is said
+                        piece = self.scanners[i].flush()
+                        # The placeholder just picked is the one token not shown: the context rewinds past it.
+                        self.scanners[i].done, self.scanners[i].stop_length = True, 1
+                        completed += 1
+                    else:
+                        piece = self.scanners[i].push(decode((ids[i],)))
                     if piece:
+                        self.shown[i] += len(piece)
                         yield i, piece
                 active = [i for i in active if not self.scanners[i].done]
                 if not active:
                     self.finish_reason = "stop"
                     return
         for i in active:
+            if ended[i] is not None:
+                completed += 1
             piece = self.scanners[i].flush()
             if piece:
+                self.shown[i] += len(piece)
                 yield i, piece
-        self.finish_reason = "stop" if len(active) < self.streams else "length"
+        self.finish_reason = "stop" if len(active) < self.streams or completed else "length"
+
+    def logprobs(self, stream: int = 0) -> list[TokenLogprob]:
+        """The log-probabilities of the characters of ``stream`` released so far (``config.logprobs`` must be set)."""
+        if self.controls is None or self.controls.logprobs is None:
+            raise RuntimeError("log-probabilities were not asked for: sample with logprobs=K")
+        return self.controls.logprobs[stream][: self.shown[stream]]
 
     def _remember(self, count: int, state: StateAfter) -> None:
         self.recent.append((self.produced, count, state))
@@ -179,6 +208,35 @@ class Continuation:
     @property
     def config(self) -> SampleConfig:
         return self._run.config
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """The log-probabilities of the characters yielded so far (sample with ``logprobs=K``)."""
+        return self._run.logprobs()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A continuation with what it is made of: ``logprobs`` per character when asked for."""
+
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def mean_logprob(self) -> float:
+        """The mean log-probability of its characters (``-inf`` for an empty text); needs ``logprobs``."""
+        if self.logprobs is None:
+            raise RuntimeError("sampled without logprobs")
+        return sum(t.logprob for t in self.logprobs) / len(self.logprobs) if self.logprobs else float("-inf")
+
+
+@dataclass(frozen=True)
+class Beam:
+    """One result of a beam search: its text and total log-probability (nats) under the model."""
+
+    text: str
+    logprob: float
 
 
 class Sampler:
@@ -320,6 +378,14 @@ class Sampler:
         """The continuation of ``prompt`` (without the prompt). Same options as :meth:`stream`."""
         return "".join(self.stream(prompt, **options))
 
+    def complete(self, prompt: str = "", **options: Any) -> Completion:
+        """The continuation of ``prompt`` as a :class:`Completion`: its text, why it ended, and with
+        ``logprobs=K`` each character's log-probability and the K likeliest alternatives."""
+        config = SampleConfig.from_options(**options)
+        reply = self.continue_from(self.read(prompt), config, keep_context=False)
+        text = "".join(reply)
+        return Completion(text, reply.finish_reason, reply.logprobs if config.logprobs is not None else None)
+
     def generate_many(self, prompt: str = "", num_samples: int = 2, **options: Any) -> list[str]:
         """``num_samples`` continuations of ``prompt``, sampled side by side as one batch."""
         if not 1 <= num_samples <= MAX_SAMPLES:
@@ -327,7 +393,7 @@ class Sampler:
         config = SampleConfig.from_options(**options)
         context = self.read(prompt).expand(num_samples)
         run = _Run(self, context, config, new_generator(config.seed), track=False)
-        if not config.stop:
+        if not config.stop and not config.constrained:
             # Nothing to watch for: keep the ids as tensors and decode once at the end, instead
             # of handing out num_samples Python strings per character.
             chunks = [tokens for tokens, _ in run.chunks()]
@@ -337,6 +403,56 @@ class Sampler:
         for i, piece in run.pieces():
             texts[i] += piece
         return texts
+
+    @torch.no_grad()
+    def prompt_logprobs(self, text: str, top: int = 0) -> list[TokenLogprob | None]:
+        """Each character of ``text`` with its log-probability given the ones before it, read as
+        :meth:`score` reads it (so ``-mean`` of them is the score), and the ``top`` likeliest
+        alternatives; the first character, with nothing before it, is None."""
+        if not 0 <= top <= MAX_LOGPROBS:
+            raise ConfigError(f"top must be from 0 to {MAX_LOGPROBS}, got {top}")
+        ids = self.encode_prompt(text, allow_empty=False)
+        out: list[TokenLogprob | None] = [None]
+        decode = self.tokenizer.decode
+        for start in range(0, len(ids) - 1, _PRIME_CHUNK):
+            # Each chunk is read from the state the one before it left: one pass over the text.
+            chunk = ids[start : start + _PRIME_CHUNK + 1]
+            if start == 0:
+                hidden = None
+            logits, hidden = self.model(chunk[None, :-1], hidden)
+            logprobs = torch.log_softmax(logits[0].double(), dim=-1)
+            chosen = logprobs.gather(1, chunk[1:, None])[:, 0].tolist()
+            values, alternatives = logprobs.topk(min(top, logprobs.size(-1)), dim=-1)
+            for t, lp, vs, alts in zip(chunk[1:].tolist(), chosen, values.tolist(), alternatives.tolist()):
+                out.append(TokenLogprob(decode((t,)), lp, tuple((decode((a,)), v) for a, v in zip(alts, vs))))
+        return out
+
+    @torch.no_grad()
+    def beam_search(self, prompt: str = "", beam: int = 4, length: int = 100) -> list[Beam]:
+        """The ``beam`` likeliest continuations of ``length`` characters that a beam search finds, best first.
+
+        Each step keeps the ``beam`` likeliest texts of all those one character longer
+        (ties: the earlier text and character first, as greedy's largest logit), so
+        ``beam=1`` is greedy sampling exactly. Every result has ``length`` characters (a
+        char-RNN has no end of text), so their log-probabilities compare as they are.
+        Beam search finds likely text, which is often dull text: it is never the default.
+        """
+        if not 1 <= beam <= MAX_BEAM:
+            raise ConfigError(f"beam must be from 1 to {MAX_BEAM}, got {beam}")
+        if length < 0:
+            raise ConfigError(f"length must be >= 0, got {length}")
+        context = self.read(prompt)
+        stepper = self.stepper(beam)
+        logits, hidden = context.logits, context.hidden
+        scores = torch.zeros(1, dtype=torch.float64)
+        texts = torch.zeros(1, 0, dtype=torch.int64)
+        for _ in range(length):
+            candidates = (scores[:, None] + torch.log_softmax(logits.double(), dim=-1)).flatten()
+            best = torch.sort(candidates, descending=True, stable=True).indices[:beam]
+            rows, tokens = best // logits.size(-1), best % logits.size(-1)
+            scores, texts = candidates[best], torch.cat([texts[rows], tokens[:, None]], dim=1)
+            logits, hidden = stepper.step(tokens.to(self.device), hidden.map(lambda t: t[:, rows.to(t.device)]))
+        return [Beam(self.tokenizer.decode(row), score) for row, score in zip(texts.tolist(), scores.tolist())]
 
     @torch.no_grad()
     def predict_next(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:

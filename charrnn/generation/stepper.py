@@ -63,10 +63,12 @@ def run_steps(
     hidden: State,
     uniforms: torch.Tensor,
     every_state: bool = True,
+    finished: Callable[[], bool] = lambda: False,
 ) -> tuple[torch.Tensor, StateAfter]:
     """K characters for B streams, one Python iteration each: token k = pick(logits, uniforms[k]),
     then a step. Returns the tokens (K, B) and ``state(j)``, the logits and hidden state
-    right after token j; without ``every_state`` only the last is kept (j = K - 1).
+    right after token j; without ``every_state`` only the last is kept (j = K - 1). Once
+    ``finished()`` (asked after each step), the steps end there: fewer than K tokens.
     """
     tokens, states = [], []
     for u in uniforms:
@@ -77,6 +79,8 @@ def run_steps(
             states.append((logits, hidden))
         else:
             states = [(logits, hidden)]
+        if finished():
+            break
     last = len(tokens) - 1
 
     def state(j: int) -> tuple[torch.Tensor, State]:

@@ -51,7 +51,7 @@ import uvicorn
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ..config import SAMPLE_DEFAULTS
+from ..config import MAX_SEED, SAMPLE_DEFAULTS
 from ..generation.chat import ChatTemplate, model_fingerprint
 from ..generation.sampler import Context, Sampler
 from .answers import Answer, sse
@@ -193,7 +193,14 @@ class Server:
         generation, ready = await Generation.start(
             self.slots, self.pool, lambda emit, cancel: self.generate(job, emit, cancel, deadline), deadline
         )
-        answer = Answer(job, self.model_id, self.fingerprint, prompt_chars=ready.prompt_chars, cached_chars=ready.cached_chars)
+        answer = Answer(
+            job,
+            self.model_id,
+            self.fingerprint,
+            prompt_chars=ready.prompt_chars,
+            cached_chars=ready.cached_chars,
+            prompt_logprobs=ready.prompt_logprobs,
+        )
         if job.stream:
             return StreamingResponse(
                 self._stream(generation, answer),
@@ -238,15 +245,23 @@ class Server:
             if time.monotonic() > deadline:
                 raise TimeoutError("the request")
 
+        listed = job.logprobs is not None
         try:
             context, total, cached = self.context_for(job.pieces, go_on)
-            emit(Ready(total, cached))
-            for i, seed in enumerate(job.seeds()):
+            echoed = self.sampler.prompt_logprobs(job.echo, job.logprobs or 0) if job.echo and listed else []
+            emit(Ready(total, cached, tuple(echoed)))
+            ranked = job.best_of > job.n
+            if ranked:
+                self._best_of(job, context, emit, go_on)
+            for i, seed in enumerate(() if ranked else job.seeds()):
                 reply = self.sampler.continue_from(context, job.sample, keep_context=False, seed=seed)
+                shown = 0
                 try:
                     for piece in reply:
                         go_on()
-                        emit(Piece(i, piece))
+                        records = reply.logprobs[shown:] if listed else []
+                        shown += len(records)
+                        emit(Piece(i, piece, tuple(records)))
                 finally:
                     reply.close()  # a client that left stops the generation here
                 emit(Finished(i, reply.finish_reason))
@@ -256,16 +271,35 @@ class Server:
         except BaseException as exc:  # handed to the event loop, which answers it
             emit(Failed(exc))
 
+    def _best_of(self, job: Job, context: Context, emit: Emit, go_on: Callable[[], None]) -> None:
+        """``best_of`` samples (seed, seed + 1, ...), of which the ``n`` of highest mean log-probability
+        are the answer's choices, best first."""
+        samples = []
+        for j in range(job.best_of):
+            seed = (job.seed + j) & MAX_SEED
+            reply = self.sampler.continue_from(context, job.sample, keep_context=False, seed=seed)
+            try:
+                text = "".join(piece for piece in reply if go_on() is None)
+            finally:
+                reply.close()
+            logprobs = reply.logprobs
+            mean = sum(r.logprob for r in logprobs) / len(logprobs) if logprobs else float("-inf")
+            samples.append((mean, -j, text, tuple(logprobs), reply.finish_reason))
+        for i, (_, _, text, logprobs, reason) in enumerate(sorted(samples, reverse=True)[: job.n]):
+            emit(Piece(i, text, logprobs if job.logprobs is not None else ()))
+            emit(Finished(i, reason))
+
     # -- answers, on the event loop ---------------------------------------------------------------
     async def _whole(self, generation: Generation, answer: Answer) -> Response:
         """The answer as one JSON body, once every choice has ended."""
         n = answer.job.n
-        texts, reasons = [""] * n, [None] * n
+        texts, reasons, logprobs = [""] * n, [None] * n, [[] for _ in range(n)]
         try:
             while not isinstance(event := await generation.next(), Complete):
                 match event:
-                    case Piece(choice=i, text=text):
+                    case Piece(choice=i, text=text, logprobs=records):
                         texts[i] += text
+                        logprobs[i] += records
                     case Finished(choice=i, reason=reason):
                         reasons[i] = reason
                     case Failed(error=error):
@@ -274,7 +308,7 @@ class Server:
             raise as_request_error(TimeoutError("the reply")) from None
         finally:
             generation.stop()
-        return json_response(HTTPStatus.OK, answer.body(texts, reasons))
+        return json_response(HTTPStatus.OK, answer.body(texts, reasons, logprobs))
 
     async def _stream(self, generation: Generation, answer: Answer) -> AsyncIterator[bytes]:
         """The stream: a first chunk per choice, the pieces (those waiting, joined into one chunk), the ends, [DONE]."""
@@ -307,6 +341,7 @@ class _Stream:
         self.answer = answer
         self.chat = answer.job.kind == "chat"
         self.written = 0  # characters, for the usage chunk
+        self.streamed: dict[int, int] = {}  # characters per choice so far, for the completions' text offsets
         self.started: set[int] = set()  # the choices whose first chunk is out
         self.over = False
 
@@ -315,11 +350,14 @@ class _Stream:
         out = []
         for event in events:
             match event:
-                case Piece(choice=i, text=text):
-                    out.append(sse(self.answer.chunk(i, text, first=self._first(i))))
+                case Piece(choice=i, text=text, logprobs=records):
+                    offset = self.streamed.get(i, 0)
+                    out.append(sse(self.answer.chunk(i, text, first=self._first(i), logprobs=records, offset=offset)))
+                    self.streamed[i] = offset + len(text)
                     self.written += len(text)
                 case Finished(choice=i, reason=reason):
-                    if self.chat and i not in self.started:  # a chat choice opens with its role, even when empty
+                    # A chat choice opens with its role, and an echoing completion with its prompt, even when empty.
+                    if (self.chat or self.answer.job.echo) and i not in self.started:
                         out.append(sse(self.answer.chunk(i, "", first=self._first(i))))
                     out.append(sse(self.answer.chunk(i, None if self.chat else "", reason)))
                 case Failed(error=error):

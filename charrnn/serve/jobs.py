@@ -14,6 +14,7 @@ from typing import Any
 from ..config import MAX_SEED, SampleConfig
 from ..errors import ConfigError, PromptError
 from ..generation.chat import ChatTemplate
+from ..generation.constraints import compile_constraint
 from ..generation.sampler import MAX_PROMPT_CHARS
 from ..tokenizer import CharTokenizer
 from .protocol import ROLES, ChatCompletionRequest, CompletionRequest, SamplingRequest, bad_request, validate_request
@@ -32,6 +33,8 @@ class Job:
     include_usage: bool
     echo: str = ""  # completions with echo: the prompt, written before the text
     warnings: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # alternatives listed per character in the answer (None: no log-probabilities)
+    best_of: int = 1  # completions: sampled, of which the n likeliest are the answer
 
     @property
     def seed(self) -> int:
@@ -49,17 +52,31 @@ _SAMPLE_FIELDS = {f.name for f in fields(SampleConfig)}
 _REQUEST_SAMPLING = sorted((_SAMPLE_FIELDS & set(SamplingRequest.model_fields)) - {"seed", "stop"})
 
 
-def _sample_config(request: SamplingRequest, config: ServeConfig, length: int | None, stops: tuple[str, ...]) -> SampleConfig:
-    """The request's sampling settings, checked by SampleConfig itself; its ConfigError as the 400."""
+def _sample_config(
+    request: SamplingRequest, config: ServeConfig, tokenizer: CharTokenizer, length: int | None, stops: tuple[str, ...]
+) -> SampleConfig:
+    """The request's sampling settings, checked by SampleConfig itself, its constraint compiled; a ConfigError as the 400."""
     seed = request.seed
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little") & MAX_SEED  # returned, so the answer can be reproduced
     options = {name: getattr(request, name) for name in _REQUEST_SAMPLING} | {"seed": seed}
+    # best_of ranks its samples by their log-probabilities: they are recorded then, listed or not.
+    ranked = isinstance(request, CompletionRequest) and (request.best_of or 1) > (request.n or 1)
+    wanted = request.logprobs_wanted()
+    options["logprobs"] = wanted if wanted is not None else (0 if ranked else None)
+    constraint = request.constraint()
+    where, constraint_options = constraint if constraint is not None else (None, {})
     try:
-        return SampleConfig.from_options(length=config.default_length if length is None else length, stop=stops, **options)
+        sample = SampleConfig.from_options(
+            length=config.default_length if length is None else length, stop=stops, **options, **constraint_options
+        )
+        compile_constraint(tokenizer, sample)  # a constraint it cannot compile is refused before anything is read
+        return sample
     except ConfigError as exc:
         message = str(exc)
         name = message.split(" ", 1)[0]  # SampleConfig's errors start with the field they are about
+        if name in ("regex", "choices", "json_schema"):
+            raise bad_request(f"{where}: {message}", where) from None
         param = "max_tokens" if name == "length" else name if name in _SAMPLE_FIELDS else None
         raise bad_request(message, param) from None
 
@@ -99,10 +116,14 @@ def completion_job(
     prompt = request.prompt or ""
     _check_size([prompt], max_prompt_chars, "the prompt", "prompt")
     _check_text(tokenizer, prompt, "prompt", warnings)
-    sample = _sample_config(request, config, request.max_tokens, tuple(request.stop or ()))
+    sample = _sample_config(request, config, tokenizer, request.max_tokens, tuple(request.stop or ()))
     echo = prompt if request.echo else ""
     pieces = [prompt] if prompt else []
-    return Job("completion", pieces, sample, request.n or 1, bool(request.stream), _usage_wanted(request), echo, warnings)
+    n = request.n or 1
+    return Job(
+        "completion", pieces, sample, n, bool(request.stream), _usage_wanted(request), echo, warnings,
+        logprobs=request.logprobs, best_of=request.best_of or n,
+    )
 
 
 def chat_pieces(template: ChatTemplate, messages: list[tuple[str, str]]) -> list[str]:
@@ -160,9 +181,9 @@ def chat_job(
     length = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     # The reply ends where the model starts a new turn, and at the client's own stops too.
     stops = tuple(dict.fromkeys(template.stops + tuple(request.stop or ())))
-    sample = _sample_config(request, config, length, stops)
-    n, stream = request.n or 1, bool(request.stream)
     pieces = chat_pieces(template, turns)
     # The whole conversation is bounded, not each message: thirty thousand short ones cost what one long one does.
     _check_size(pieces, max_prompt_chars, "the conversation (with the chat template)", "messages")
-    return Job("chat", pieces, sample, n, stream, _usage_wanted(request), "", warnings)
+    sample = _sample_config(request, config, tokenizer, length, stops)
+    n, stream = request.n or 1, bool(request.stream)
+    return Job("chat", pieces, sample, n, stream, _usage_wanted(request), "", warnings, logprobs=request.logprobs_wanted())

@@ -52,6 +52,7 @@ from .._io import parse_json
 from .settings import ServeConfig
 
 MAX_STOPS, MAX_STOP_CHARS = 8, 64  # stop strings are checked after every character: bound them
+MAX_BEST_OF = 20  # samples a completion may choose from
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 _ERROR_TYPES = {
@@ -180,13 +181,11 @@ def _one_string(value: Any) -> Any:
 # The fields a char-RNN cannot honour, and when each asks for nothing (accepted, ignored); otherwise refused.
 _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "logit_bias": lambda v: v in (None, {}),
-    "logprobs": lambda v: v in (None, False, 0) and not isinstance(v, float),
-    "top_logprobs": lambda v: v in (None, 0),
     "suffix": lambda v: v in (None, ""),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     "tools": lambda v: v in (None, []),
     "functions": lambda v: v in (None, []),
 }
+MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS = 5, 20  # OpenAI's bounds: completions' logprobs, chat's top_logprobs
 
 
 # strict: "1.5" is not a number nor 1 a boolean here, as in the OpenAI API; extra fields are kept, to be named.
@@ -199,6 +198,60 @@ class StreamOptions(BaseModel):
 
     model_config = _STRICT
     include_usage: bool | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """``structured_outputs`` as vLLM takes it: the text matches ``regex``, is one of ``choice``, or is JSON fitting ``json``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_: Annotated[dict[str, Any] | None, Field(alias="json")] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        given = [name for name in ("regex", "choice", "json_") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "invalid_value",
+                "structured_outputs takes one of regex, choice and json, e.g. {\"choice\": [\"Ay\", \"No\"]}",
+                {"param": "structured_outputs"},
+            )
+        return self
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: a name and the schema (``strict`` is always so here)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    name: str | None = None
+    schema_: Annotated[dict[str, Any], Field(alias="schema")] = Field(default_factory=dict)
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` (any JSON object) or ``json_schema``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError(
+                "invalid_value",
+                'response_format of type json_schema needs its json_schema, {"name": ..., "schema": {...}}, and no other type takes one',
+                {"param": "response_format"},
+            )
+        return self
+
+    def schema_text(self) -> str | None:
+        """The JSON schema the text must fit, as JSON text (None: plain text)."""
+        if self.type == "json_object":
+            return json.dumps({"type": "object"})
+        return json.dumps(self.json_schema.schema_) if self.json_schema is not None else None
 
 
 class SamplingRequest(BaseModel):
@@ -233,13 +286,12 @@ class SamplingRequest(BaseModel):
     dry_base: float | None = None
     dry_allowed_length: int | None = None
     penalty_window: int | None = None
+    # structured outputs: vLLM's field, and OpenAI's response_format
+    structured_outputs: StructuredOutputs | None = None
+    response_format: ResponseFormat | None = None
     # refused unless neutral (_NEUTRAL), whichever endpoint is asked
     logit_bias: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    best_of: Any = None  # neutral when equal to n: checked with it, below
     suffix: Any = None
-    response_format: Any = None
     tools: Any = None
     functions: Any = None
     tool_choice: Any = None  # neutral without tools: checked with them, below
@@ -265,15 +317,33 @@ class SamplingRequest(BaseModel):
 
     @model_validator(mode="after")
     def _neutral_together(self) -> SamplingRequest:
-        """The refusals that depend on another field: best_of on n, a tool choice on the tools."""
-        best_of = self.best_of
-        if best_of is not None and (isinstance(best_of, bool) or not isinstance(best_of, int) or best_of != (self.n or 1)):
-            raise _unsupported("best_of")
+        """The checks that depend on another field: a tool choice on the tools, one constraint at most."""
         # Any tools were refused above, so "none" and "auto" choose among none.
         for name in ("tool_choice", "function_call"):
             if getattr(self, name) not in (None, "none", "auto"):
                 raise _unsupported(name)
+        if self.structured_outputs is not None and self.response_format is not None and self.response_format.type != "text":
+            raise PydanticCustomError(
+                "invalid_value", "structured_outputs and response_format were both given: use one", {"param": "response_format"}
+            )
         return self
+
+    def constraint(self) -> tuple[str, dict[str, Any]] | None:
+        """(the field, SampleConfig options) of the constraint asked for, if any."""
+        so, rf = self.structured_outputs, self.response_format
+        if so is not None:
+            if so.regex is not None:
+                return "structured_outputs.regex", {"regex": so.regex}
+            if so.choice is not None:
+                return "structured_outputs.choice", {"choices": tuple(so.choice)}
+            return "structured_outputs.json", {"json_schema": json.dumps(so.json_)}
+        if rf is not None and rf.schema_text() is not None:
+            return "response_format", {"json_schema": rf.schema_text()}
+        return None
+
+    def logprobs_wanted(self) -> int | None:
+        """How many alternatives per character the answer lists (None: no log-probabilities)."""
+        return None
 
     def ignored(self) -> list[str]:
         """The fields given that nothing here reads: the answer names them."""
@@ -297,11 +367,34 @@ def _within(value: int | None, low: int, high: int, name: str) -> int | None:
 class CompletionRequest(SamplingRequest):
     """The body of ``POST /v1/completions``."""
 
-    foreign: ClassVar[frozenset[str]] = frozenset(
-        {"top_logprobs", "response_format", "tools", "tool_choice", "functions", "function_call"}
-    )
+    foreign: ClassVar[frozenset[str]] = frozenset({"top_logprobs", "tools", "tool_choice", "functions", "function_call"})
     prompt: Annotated[str | None, BeforeValidator(_one_string)] = None
     echo: bool | None = None
+    logprobs: int | None = None  # the alternatives listed per character, 0 to 5; null: none
+    top_logprobs: Any = None  # chat's field: ignored here, and named
+    best_of: int | None = None  # sample this many, answer the n likeliest (by mean log-probability)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs_within(cls, value: int | None) -> int | None:
+        return _within(value, 0, MAX_COMPLETION_LOGPROBS, "logprobs")
+
+    @model_validator(mode="after")
+    def _best_of_fits(self) -> CompletionRequest:
+        if self.best_of is not None:
+            n, limit = self.n or 1, MAX_BEST_OF
+            if not n <= self.best_of <= limit:
+                raise PydanticCustomError(
+                    "invalid_value", f"best_of must be from n ({n}) to {limit}, got {self.best_of}", {"param": "best_of"}
+                )
+            if self.stream and self.best_of > n:
+                raise PydanticCustomError(
+                    "invalid_value", "best_of above n cannot be streamed: the best are known only at the end", {"param": "best_of"}
+                )
+        return self
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -341,9 +434,24 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     """The body of ``POST /v1/chat/completions``."""
 
-    foreign: ClassVar[frozenset[str]] = frozenset({"suffix"})
+    foreign: ClassVar[frozenset[str]] = frozenset({"suffix", "best_of"})
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = None  # the newer name of max_tokens; wins when both are given
+    logprobs: bool | None = None
+    top_logprobs: int | None = None  # alternatives listed per character, 0 to 20; needs logprobs
+    best_of: Any = None  # completions' field: ignored here, and named
+
+    @model_validator(mode="after")
+    def _top_logprobs_fits(self) -> ChatCompletionRequest:
+        _within(self.top_logprobs, 0, MAX_TOP_LOGPROBS, "top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError(
+                "invalid_value", "top_logprobs needs logprobs: true", {"param": "top_logprobs"}
+            )
+        return self
+
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # --- validation errors as the OpenAI 400 -----------------------------------------------------------

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from ..errors import CharRNNError
+from ..generation.constraints import ConstraintError
+from ..generation.processors import TokenLogprob
 from .protocol import RequestError
 from .settings import ServeConfig
 
@@ -31,18 +33,21 @@ log = logging.getLogger("charrnn.serve")
 
 @dataclass(frozen=True)
 class Ready:
-    """The prompt is read: ``prompt_chars`` in all, ``cached_chars`` of them from the state cache."""
+    """The prompt is read: ``prompt_chars`` in all, ``cached_chars`` of them from the state cache;
+    with ``echo`` and log-probabilities, the prompt's own (``prompt_logprobs``, its first None)."""
 
     prompt_chars: int
     cached_chars: int
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
 
 @dataclass(frozen=True)
 class Piece:
-    """Text of choice ``choice``, as sampled."""
+    """Text of choice ``choice``, as sampled, and its characters' log-probabilities when asked for."""
 
     choice: int
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ def as_request_error(exc: BaseException) -> RequestError:
         return exc
     if isinstance(exc, ServerStopping):
         return RequestError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), code="shutting_down")
+    if isinstance(exc, ConstraintError):  # a constraint that needs a character the model never saw
+        return RequestError(HTTPStatus.BAD_REQUEST, str(exc), exc.what, "invalid_constraint")
     if isinstance(exc, CharRNNError):  # a prompt the model cannot read: the client's to fix
         return RequestError(HTTPStatus.BAD_REQUEST, str(exc), "messages", "invalid_prompt")
     if isinstance(exc, TimeoutError):
@@ -94,7 +101,7 @@ def coalesce(events: list[Event]) -> list[Event]:
     for event in events:
         last = out[-1] if out else None
         if isinstance(event, Piece) and isinstance(last, Piece) and last.choice == event.choice:
-            out[-1] = Piece(event.choice, last.text + event.text)
+            out[-1] = Piece(event.choice, last.text + event.text, last.logprobs + event.logprobs)
         else:
             out.append(event)
     return out
