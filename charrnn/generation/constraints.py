@@ -126,9 +126,9 @@ def _grammar(tokenizer: CharTokenizer, config: SampleConfig) -> tuple[str, str]:
     try:
         schema = json.loads(config.json_schema or "")
     except ValueError:
-        raise ConfigError("json_schema is not JSON: give a JSON schema, e.g. {\"type\": \"object\"}") from None
+        raise ConfigError('json_schema is not JSON: give a JSON schema, e.g. {"type": "object"}') from None
     if not isinstance(schema, dict):
-        raise ConfigError("json_schema must be a JSON object (a schema), e.g. {\"type\": \"object\"}")
+        raise ConfigError('json_schema must be a JSON object (a schema), e.g. {"type": "object"}')
     _check_known(tokenizer, [_JSON_PUNCTUATION, *_schema_strings(schema)], "json_schema")
     return "json_schema", llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
 

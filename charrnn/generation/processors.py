@@ -134,7 +134,6 @@ class Penalties:
             self.repeat = torch.minimum(self.repeat, torch.arange(self.repeat.size(1), device=self.repeat.device))
 
 
-
 @dataclass(frozen=True)
 class TokenLogprob:
     """One generated character: its log-probability (nats) under the distribution it was drawn

@@ -34,8 +34,8 @@ from ..evaluation import DYNAMIC_LR, dynamic_evaluate, evaluate
 from ..model import CharRNN, State
 from ..tokenizer import CharTokenizer
 from .chat import ChatSession
-from .native import BatchedStepper, NativeStepper, has_tiles, load_kernel
 from .constraints import compile_constraint
+from .native import BatchedStepper, NativeStepper, has_tiles, load_kernel
 from .processors import Controls, TokenLogprob, new_generator
 from .stepper import Context, StateAfter, Stepper, choose_stepper, run_steps
 from .stops import StopScanner
@@ -451,7 +451,8 @@ class Sampler:
             best = torch.sort(candidates, descending=True, stable=True).indices[:beam]
             rows, tokens = best // logits.size(-1), best % logits.size(-1)
             scores, texts = candidates[best], torch.cat([texts[rows], tokens[:, None]], dim=1)
-            logits, hidden = stepper.step(tokens.to(self.device), hidden.map(lambda t: t[:, rows.to(t.device)]))
+            kept = rows.to(self.device)
+            logits, hidden = stepper.step(tokens.to(self.device), hidden.map(lambda t, kept=kept: t[:, kept]))
         return [Beam(self.tokenizer.decode(row), score) for row, score in zip(texts.tolist(), scores.tolist())]
 
     @torch.no_grad()

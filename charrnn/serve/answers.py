@@ -72,14 +72,24 @@ class Answer:
         logprobs = logprobs or [[] for _ in texts]
         if self.job.kind == "chat":
             choices = [
-                {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": self._logprobs(lp, 0)}
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": t},
+                    "finish_reason": r,
+                    "logprobs": self._logprobs(lp, 0),
+                }
                 for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))
             ]
             head = self._head("chat.completion")
         else:
             echo, start = self.job.echo, 0 if self.job.echo else len(self.prompt)
             choices = [
-                {"index": i, "text": echo + t, "finish_reason": r, "logprobs": self._logprobs([*self.prompt_logprobs, *lp], start)}
+                {
+                    "index": i,
+                    "text": echo + t,
+                    "finish_reason": r,
+                    "logprobs": self._logprobs([*self.prompt_logprobs, *lp], start),
+                }
                 for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))
             ]
             head = self._head("text_completion")

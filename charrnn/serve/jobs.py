@@ -121,8 +121,16 @@ def completion_job(
     pieces = [prompt] if prompt else []
     n = request.n or 1
     return Job(
-        "completion", pieces, sample, n, bool(request.stream), _usage_wanted(request), echo, warnings,
-        logprobs=request.logprobs, best_of=request.best_of or n,
+        "completion",
+        pieces,
+        sample,
+        n,
+        bool(request.stream),
+        _usage_wanted(request),
+        echo,
+        warnings,
+        logprobs=request.logprobs,
+        best_of=request.best_of or n,
     )
 
 

@@ -214,7 +214,7 @@ class StructuredOutputs(BaseModel):
         if len(given) != 1:
             raise PydanticCustomError(
                 "invalid_value",
-                "structured_outputs takes one of regex, choice and json, e.g. {\"choice\": [\"Ay\", \"No\"]}",
+                'structured_outputs takes one of regex, choice and json, e.g. {"choice": ["Ay", "No"]}',
                 {"param": "structured_outputs"},
             )
         return self
@@ -389,7 +389,9 @@ class CompletionRequest(SamplingRequest):
                 )
             if self.stream and self.best_of > n:
                 raise PydanticCustomError(
-                    "invalid_value", "best_of above n cannot be streamed: the best are known only at the end", {"param": "best_of"}
+                    "invalid_value",
+                    "best_of above n cannot be streamed: the best are known only at the end",
+                    {"param": "best_of"},
                 )
         return self
 
@@ -445,9 +447,7 @@ class ChatCompletionRequest(SamplingRequest):
     def _top_logprobs_fits(self) -> ChatCompletionRequest:
         _within(self.top_logprobs, 0, MAX_TOP_LOGPROBS, "top_logprobs")
         if self.top_logprobs and not self.logprobs:
-            raise PydanticCustomError(
-                "invalid_value", "top_logprobs needs logprobs: true", {"param": "top_logprobs"}
-            )
+            raise PydanticCustomError("invalid_value", "top_logprobs needs logprobs: true", {"param": "top_logprobs"})
         return self
 
     def logprobs_wanted(self) -> int | None:
