@@ -12,16 +12,18 @@ extra field is ignored unless ignoring it would mislead the client):
 - honoured: ``model`` (any name is accepted; the answer names the model that wrote it),
   ``prompt`` / ``messages``, ``max_tokens`` / ``max_completion_tokens`` (characters
   here), ``temperature``, ``top_p``, ``top_k``, ``stop``, ``seed``, ``n``, ``stream``,
-  ``stream_options.include_usage``, ``echo`` (completions), ``presence_penalty`` and
-  ``frequency_penalty`` (OpenAI's meaning, over the generated text), and the extensions
-  ``repetition_penalty`` (vLLM's and Hugging Face's), ``dry_multiplier``, ``dry_base``,
-  ``dry_allowed_length`` and ``penalty_window`` (:class:`~charrnn.config.SampleConfig`);
+  ``stream_options.include_usage``, ``echo`` and ``logprobs`` (0-5) and ``best_of``
+  (completions), ``logprobs`` and ``top_logprobs`` (0-20, chat), ``presence_penalty`` and
+  ``frequency_penalty`` (OpenAI's meaning, over the generated text), ``response_format``
+  (``text``, ``json_object``, ``json_schema``), and the extensions ``structured_outputs``
+  (vLLM's ``regex`` | ``choice`` | ``json``), ``repetition_penalty`` (vLLM's and Hugging
+  Face's), ``dry_multiplier``, ``dry_base``, ``dry_allowed_length`` and ``penalty_window``
+  (:class:`~charrnn.config.SampleConfig`); a token is a character;
 - ignored: ``user``, ``metadata``, ``store``, ``service_tier``, ``parallel_tool_calls``,
-  a message's ``name``, and fields at their neutral value (``logit_bias: {}``, ``logprobs: false``, ``response_format: {"type": "text"}``,
-  ``tools: []``, ``tool_choice: "none"``/``"auto"`` without tools, ``best_of`` equal to
-  ``n``); any other unknown field is ignored and named in the answer's ``warnings``;
-- refused (400 naming the field): logit biases, log-probabilities, JSON
-  response formats, tools and function calls, ``suffix``, ``best_of`` above ``n``:
+  a message's ``name``, and fields at their neutral value (``logit_bias: {}``,
+  ``tools: []``, ``tool_choice: "none"``/``"auto"`` without tools); any other unknown
+  field is ignored and named in the answer's ``warnings``;
+- refused (400 naming the field): logit biases, tools and function calls, ``suffix``:
   a char-RNN cannot honour them, and an answer without them would look like one with.
 
 The sampling limits are :class:`~charrnn.config.SampleConfig`'s own: a job's sampling
