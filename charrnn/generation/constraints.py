@@ -110,8 +110,9 @@ def _check_known(tokenizer: CharTokenizer, texts: list[str], what: str) -> None:
     for text in texts:
         unknown = tokenizer.unknown_chars(text)
         if unknown:
+            where = "for JSON's punctuation" if text == _JSON_PUNCTUATION else f"in {ascii(text[:40])}"
             raise ConfigError(
-                f"{what} needs {ascii(unknown[0])} (in {ascii(text[:40])}), a character this model never saw, so it "
+                f"{what} needs {ascii(unknown[0])} ({where}), a character this model never saw, so it "
                 "cannot write it: leave it out of the constraint or use a model trained on text that has it"
             )
 
