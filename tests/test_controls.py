@@ -11,12 +11,12 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_model_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_serve import LIMITS, client, request
 
 from charrnn.cli.sample import main as sample_main
-from charrnn.config import ModelConfig
 from charrnn.errors import ConfigError
 from charrnn.generation.constraints import ConstraintError
 from charrnn.generation.sampler import Sampler
@@ -33,18 +33,8 @@ def json_sampler() -> Sampler:
     """An untrained model over printable ASCII and newlines: every JSON character is in its vocabulary."""
     torch.manual_seed(0)
     tokenizer = CharTokenizer(["\n", *(chr(c) for c in range(32, 127))])
-    model = CharRNN(
-        ModelConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            n_layers=1,
-            embedding_size=16,
-            dropout=0.0,
-            input_dropout=0.0,
-            embedding_dropout=0.0,
-            weight_drop=0.0,
-        )
-    )
+    untrained = dict(input_dropout=0.0, embedding_dropout=0.0, weight_drop=0.0)  # what training would resolve
+    model = CharRNN(tiny_model_config(vocab_size=len(tokenizer), n_layers=1, **untrained))
     return Sampler(model, tokenizer, dtype=torch.float32)
 
 
