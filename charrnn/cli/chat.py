@@ -48,7 +48,8 @@ def build_parser(prog: str = "charrnn-chat") -> argparse.ArgumentParser:
         "Type /help in the chat for its commands.",
     )
     add_runtime_options(parser)
-    add_fields(parser, SampleConfig, "replies (length: the most characters of one)")
+    # Log-probabilities are for reading, in sample's JSON lines or the server's answers: a chat shows text.
+    add_fields(parser, SampleConfig, "replies (length: the most characters of one)", skip=("logprobs",))
     add_template_options(parser, "chat template (how the conversation is written into the text the model reads)")
     parser.add_argument(
         "--stop", action="append", default=[], help="a reply ends at this string (repeatable; default: the separator)"
