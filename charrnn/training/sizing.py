@@ -78,7 +78,9 @@ EVALUATIONS = 8  # full-split evaluations a run makes at least; the last one com
 MAX_EPOCHS = 24
 # Under weight drop a 2x256 on the same text was still improving at 33 epochs (1.0428, best of all).
 REGULARISED_MAX_EPOCHS = 40
-REGULARISED_WEIGHTS_PER_CHAR = 8.0  # the largest model a data-limited run may choose
+# The largest model a data-limited run may choose: with AWD a 2x384 (14 weights per character)
+# read 40 times beat the 2x256 (6.5) by 0.04 on the 135k-char text (docs/scaling.md, sixth session).
+REGULARISED_WEIGHTS_PER_CHAR = 16.0
 # The rates of the data-limited regime, as the study measured them on a 2x256 (docs/scaling.md).
 AWD_RATES = {"dropout": 0.4, "input_dropout": 0.2, "embedding_dropout": 0.1, "weight_drop": 0.4}
 EVAL_SECONDS = 120.0  # between two evaluations at most, where the probe measured the speed
