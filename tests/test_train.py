@@ -209,6 +209,7 @@ def test_patience_ends_a_memorising_run_and_says_what_would_help(tmp_path):
         callbacks=[],
     )
     assert result.step < 2000
-    assert result.stop_reason.startswith("no improvement in 3 evaluations (--patience)")
-    assert "more time would not help" in result.stop_reason and "--weight-drop" in result.stop_reason
+    assert result.stop_reason.startswith("no improvement in 3 evaluations (--patience: the model began to memorise")
+    assert "more time does not" in result.stop_reason and "--weight-drop" in result.stop_reason
+    assert result.stop_reason.endswith("so it stopped")  # the summary reads on: " at step N; best val ..."
     assert (result.best / "config.json").is_file()

@@ -48,8 +48,9 @@ _JSON_PUNCTUATION = '{}":,'  # what any JSON object needs
 
 
 class ConstraintError(CharRNNError):
-    """A constraint needs a character the model never saw, so no text can complete it;
-    ``what`` is the option that gave it (``regex``, ``choices``, ``json_schema``)."""
+    """A constraint that cannot go on mid-text: the next character it needs is one the model
+    never saw, or a step ran past :data:`LIMITS`; ``what`` is the option that gave it
+    (``regex``, ``choices``, ``json_schema``)."""
 
     def __init__(self, message: str, what: str):
         super().__init__(message)

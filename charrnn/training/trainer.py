@@ -343,10 +343,10 @@ class Trainer:
             return f"reached --max-time {c.max_time:g} s"
         if c.patience and self.evals_without_improvement >= c.patience:
             # Early stopping is the last line of defence here: say what would have helped instead.
-            return (
-                f"no improvement in {c.patience} evaluations (--patience): the model began to memorise its "
-                "corpus, so more time would not help; more text, a smaller --hidden-size or more --dropout / "
-                "--weight-drop would"
+            return (  # read on by " at step N; best val ..."
+                f"no improvement in {c.patience} evaluations (--patience: the model began to memorise its corpus; "
+                "more text, a smaller --hidden-size or more --dropout / --weight-drop help, more time does not), "
+                "so it stopped"
             )
         return None
 
