@@ -165,6 +165,12 @@ def test_a_user_fixed_large_model_on_a_small_corpus_is_regularised_and_the_users
     assert plan.model.embedding_dropout == sizing.AWD_RATES["embedding_dropout"]
     small = plan_run(step_budget(1000), replace(model, hidden_size=128, n_layers=1, dropout=None), 10**7, CPU, torch.float32)
     assert small.model.weight_drop == 0.0 and small.model.input_dropout == 0.0  # a model its corpus supports
+    assert "weights per training character, so AWD-LSTM's regularisation" in plan.reason
+    # The same rates given by hand to a model its corpus supports: the first line says whose they are.
+    given = plan_run(
+        step_budget(1000), replace(model, hidden_size=128, n_layers=1, **sizing.AWD_RATES), 10**7, CPU, torch.float32
+    )
+    assert "AWD-LSTM's regularisation as given: dropout 0.4" in given.reason and "so AWD" not in given.reason
 
 
 def test_a_time_budget_that_would_reread_a_small_corpus_ends_after_its_epoch_cap(monkeypatch):

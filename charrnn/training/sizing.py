@@ -409,8 +409,10 @@ def _describe_regularisation(model: ModelConfig, corpus_chars: int) -> str:
     if not model.weight_drop and not model.input_dropout and not model.embedding_dropout:
         return f"dropout {model.dropout:g}"
     weights = step_weights(model.hidden_size, model.n_layers, model.embedding_size, model.vocab_size, model.cell)
-    return (
-        f"{weights / max(corpus_chars, 1):.1f} weights per training character, so AWD-LSTM's regularisation: "
+    rates = (
         f"dropout {model.dropout:g}, input dropout {model.input_dropout:g}, embedding dropout "
         f"{model.embedding_dropout:g}, weight drop {model.weight_drop:g}"
     )
+    if weights <= MAX_WEIGHTS_PER_CHAR * corpus_chars:  # not the regime's own choice: the user's rates
+        return f"AWD-LSTM's regularisation as given: {rates}"
+    return f"{weights / max(corpus_chars, 1):.1f} weights per training character, so AWD-LSTM's regularisation: {rates}"
