@@ -3,11 +3,12 @@
     python benchmarks/controls.py [--checkpoint checkpoints/RUN] [--chars 4000]
 
 Without a checkpoint it times an untrained 2x512 LSTM over printable ASCII and newlines
-(the size the budget rule picks for Tiny Shakespeare at 5 minutes; speed does not depend on
-the weights, and every JSON character is in its vocabulary). Plain sampling runs the fused
-kernel's whole loop; penalties, logprobs and constraints pick each character in torch
-between the kernel's steps. Each setting is timed three times, alternating, and the best of the three is printed, with
-the ratio to plain and the machine's fp32 matmul peak beside them.
+(the size the budget rule picked for Tiny Shakespeare at 30 minutes on the 2026-12-08
+machine; speed does not depend on the weights, and every JSON character is in its
+vocabulary). Plain sampling runs the fused kernel's whole loop; penalties, logprobs and
+constraints pick each character in torch between the kernel's steps. Each setting is
+timed three times, alternating, and the best of the three is printed, with the ratio to
+plain and the machine's fp32 matmul peak beside them.
 """
 
 from __future__ import annotations
